@@ -1,0 +1,3 @@
+"""ImageBind-LLM: multimodal instruction tuning of LLaMA-family models with a frozen ImageBind encoder."""
+
+__version__ = "0.1.0"
