@@ -1,0 +1,220 @@
+"""ImageBind encoder: parity with the official outputs, checkpoint layout, dtypes, batching, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from imagebind_llm.encoders import ImageBind, ImageBindConfig, load_official, official_shapes, to_official
+from imagebind_llm.encoders.checkpoint import read_state_dict
+from imagebind_llm.encoders.layers import Attention
+
+FIX = Path(__file__).parent / "fixtures" / "imagebind"
+CASES = ["vision", "vision_clips", "text", "audio", "depth", "thermal", "imu"]
+
+
+def _modality(case: str) -> str:
+    return "vision" if case == "vision_clips" else case
+
+
+@pytest.fixture(scope="module")
+def small_config() -> ImageBindConfig:
+    kwargs = json.loads((FIX / "imagebind_small.json").read_text())["ImageBindModel_kwargs"]
+    return ImageBindConfig.from_dict({**kwargs, "with_point": False})
+
+
+@pytest.fixture(scope="module")
+def small_state() -> dict[str, torch.Tensor]:
+    return read_state_dict(FIX / "imagebind_small.pth")
+
+
+@pytest.fixture(scope="module")
+def small(small_config, small_state) -> ImageBind:
+    return ImageBind(small_config).load_official(small_state)
+
+
+@pytest.fixture(scope="module")
+def io() -> dict:
+    return torch.load(FIX / "imagebind_small_io.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_small_matches_official(small, io, case):
+    m = _modality(case)
+    with torch.no_grad():
+        out = small({m: io["inputs"][case]})[m]
+    torch.testing.assert_close(out, io["outputs"][case], atol=1e-4, rtol=1e-4)
+
+
+def test_all_modalities_in_one_call(small, io):
+    inputs = {c: io["inputs"][c] for c in CASES if c != "vision_clips"}
+    with torch.no_grad():
+        out = small(inputs)
+    assert set(out) == set(inputs)
+    for c in inputs:
+        torch.testing.assert_close(out[c], io["outputs"][c], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("with_point,manifest", [(False, "imagebind_huge_keys.json"), (True, "imagebind_w3D_keys.json")])
+def test_huge_keys_and_shapes_match_manifest(with_point, manifest):
+    with torch.device("meta"):
+        model = ImageBind(ImageBindConfig.huge(with_point=with_point))
+    expected = json.loads((FIX / manifest).read_text())
+    got = official_shapes(model)
+    assert sorted(set(got) ^ set(expected)) == []
+    assert {k: v for k, v in got.items() if expected[k] != v} == {}
+
+
+def test_huge_config_values():
+    c = ImageBindConfig.huge()
+    assert (c.vision_embed_dim, c.vision_num_blocks, c.vision_num_heads) == (1280, 32, 16)
+    assert (c.text_embed_dim, c.text_num_blocks, c.text_num_heads) == (1024, 24, 16)
+    assert c.out_embed_dim == 1024 and c.with_point and c.point_depth == 12 and c.point_num_group == 512
+    assert not ImageBindConfig.huge(with_point=False).with_point
+
+
+def test_config_json_round_trip(small_config):
+    d = json.loads(json.dumps(small_config.to_dict()))
+    assert ImageBindConfig.from_dict(d) == small_config
+    with pytest.raises(ValueError, match="unknown ImageBindConfig fields.*'vision_width'"):
+        ImageBindConfig.from_dict({"vision_width": 3})
+    with pytest.raises(ValueError, match="not divisible"):
+        ImageBindConfig(vision_embed_dim=100, vision_num_heads=16)
+
+
+def test_official_round_trip_and_text_mask(small, small_state):
+    exported = to_official(small)
+    assert set(exported) == set(small_state)
+    for k, v in small_state.items():
+        torch.testing.assert_close(exported[k].to(v.dtype), v, msg=k)
+
+
+def test_meta_init_loads_in_target_dtype(small_config, small_state, io):
+    with torch.device("meta"):
+        model = ImageBind(small_config)
+    model.load_official(small_state, dtype=torch.bfloat16)
+    tensors = model.state_dict()
+    assert not any(t.is_meta for t in tensors.values())
+    assert all(t.dtype == torch.bfloat16 for t in tensors.values() if t.is_floating_point())
+
+
+def test_bf16_close_to_fp32(small_config, small_state, small, io):
+    model = load_official(small_state, small_config, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for case in CASES:
+            m = _modality(case)
+            lo, ref = model({m: io["inputs"][case]})[m], small({m: io["inputs"][case]})[m]
+            assert lo.dtype == torch.float32
+            cos = F.cosine_similarity(lo, ref, dim=-1)
+            assert cos.min() > 0.999, (case, cos)
+
+
+def test_safetensors_file(tmp_path, small_config, small_state, io):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "small.safetensors"
+    save_file({k: v.contiguous() for k, v in small_state.items()}, str(path))
+    model = load_official(path, small_config)
+    with torch.no_grad():
+        out = model({"audio": io["inputs"]["audio"]})["audio"]
+    torch.testing.assert_close(out, io["outputs"]["audio"], atol=1e-4, rtol=1e-4)
+
+
+def test_batch_of_one_equals_batch(small, io):
+    with torch.no_grad():
+        for case in ("vision", "text", "audio", "imu"):
+            m, x = _modality(case), io["inputs"][case]
+            full = small({m: x})[m]
+            singles = torch.cat([small({m: x[i : i + 1]})[m] for i in range(x.shape[0])])
+            torch.testing.assert_close(singles, full, atol=1e-5, rtol=1e-5)
+
+
+def test_prenorm_is_head_output(small, io):
+    x = io["inputs"]["depth"]
+    with torch.no_grad():
+        out, pre = small({"depth": x}, return_prenorm=True)
+    assert pre["depth"].shape == out["depth"].shape
+    torch.testing.assert_close(F.normalize(pre["depth"], dim=-1) * 5.0, out["depth"], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(pre["depth"].norm(dim=-1), torch.full((2,), 5.0))
+
+
+def test_image_as_video_clip_equals_image(small, io):
+    """A 2-frame clip whose frames are equal gives the same tokens as the image (PadIm2Video repeat)."""
+    img = io["inputs"]["vision"][:1]
+    clip = img.unsqueeze(2).expand(-1, -1, 2, -1, -1)  # [1, 3, 2, 224, 224]
+    with torch.no_grad():
+        a = small({"vision": img})["vision"]
+        b = small({"vision": clip.unsqueeze(1)})["vision"]  # [1, 1, 3, 2, 224, 224]: one clip
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal,bias_kv", [(False, True), (True, False), (False, False)])
+def test_attention_matches_torch_multihead_attention(causal, bias_kv):
+    torch.manual_seed(0)
+    dim, heads, B, N = 32, 4, 3, 9
+    peer = torch.nn.MultiheadAttention(dim, heads, add_bias_kv=bias_kv, batch_first=True).eval()
+    ours = Attention(dim, heads, add_bias_kv=bias_kv).eval()
+    with torch.no_grad():
+        ours.qkv.weight.copy_(peer.in_proj_weight)
+        ours.qkv.bias.copy_(peer.in_proj_bias)
+        ours.proj.weight.copy_(peer.out_proj.weight)
+        ours.proj.bias.copy_(peer.out_proj.bias)
+        if bias_kv:
+            ours.bias_k.copy_(peer.bias_k.view(1, 1, dim))
+            ours.bias_v.copy_(peer.bias_v.view(1, 1, dim))
+        x = torch.randn(B, N, dim)
+        mask = torch.full((N, N), float("-inf")).triu(1) if causal else None
+        ref = peer(x, x, x, need_weights=False, attn_mask=mask)[0]
+        torch.testing.assert_close(ours(x, causal), ref, atol=1e-5, rtol=1e-5)
+
+
+# ---- errors -------------------------------------------------------------------------------------
+def test_unknown_modality(small):
+    with pytest.raises(ValueError, match="unknown modality 'video'.*vision"):
+        small({"video": torch.zeros(1, 3, 224, 224)})
+    with pytest.raises(ValueError, match="no point branch"):
+        small({"point": torch.zeros(1, 1024, 3)})
+
+
+@pytest.mark.parametrize("modality,x,pattern", [
+    ("vision", torch.zeros(1, 3, 1, 224, 224), r"vision: got shape \[1, 3, 1, 224, 224\], expected \[B, 3, 224, 224\]"),
+    ("vision", torch.zeros(2, 3, 112, 112), r"vision: got shape .*expected"),
+    ("audio", torch.zeros(2, 3, 1, 128, 200), r"audio: got shape .*\[B, S, 1, 128, 204\]"),
+    ("text", torch.zeros(2, 76, dtype=torch.long), r"text: got shape \[2, 76\].*\[B, 77\]"),
+    ("text", torch.zeros(2, 77), r"text: token ids must be an integer tensor"),
+    ("text", torch.full((1, 77), 49408), r"text: token ids must lie in \[0, 49408\)"),
+    ("imu", torch.zeros(1, 6, 2000, dtype=torch.long), r"imu: expected a floating-point tensor"),
+    ("depth", torch.full((1, 1, 224, 224), float("nan")), r"depth: input contains NaN"),
+    ("thermal", torch.zeros(0, 1, 224, 224), r"thermal: got shape \[0, 1, 224, 224\]"),
+])
+def test_bad_inputs(small, modality, x, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        small({modality: x})
+
+
+def test_strict_loading_errors(small_config, small_state):
+    state = dict(small_state)
+    del state["modality_trunks.audio.blocks.0.attn.bias_k"]
+    state["modality_heads.vision.9.weight"] = torch.zeros(1)
+    state["modality_heads.text.proj.1.weight"] = torch.zeros(3, 3)
+    with pytest.raises(ValueError) as err:
+        ImageBind(small_config).load_official(state)
+    msg = str(err.value)
+    assert "missing keys (1): modality_trunks.audio.blocks.0.attn.bias_k" in msg
+    assert "unexpected keys (1): modality_heads.vision.9.weight" in msg
+    assert "modality_heads.text.proj.1.weight: checkpoint [3, 3]" in msg
+
+
+def test_point_checkpoint_into_model_without_point_branch(small_config):
+    state = read_state_dict(Path(__file__).parent / "fixtures" / "point" / "point_small.pth")
+    with pytest.raises(ValueError, match="unexpected keys.*with_point=True.*point_trunk"):
+        ImageBind(small_config).load_official(state)
+
+
+def test_missing_checkpoint_file(tmp_path, small_config):
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        ImageBind(small_config).load_official(tmp_path / "nope.pth")
