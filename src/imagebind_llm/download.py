@@ -1,0 +1,227 @@
+"""Registry of the official ImageBind / ImageBind-LLM files and a resumable, checksummed downloader.
+
+``fetch(name_or_url_or_path)`` resolves, in order: an existing local path (returned as is), a
+registry name or a URL (downloaded once into the cache folder and reused). Downloads stream into
+``<file>.part`` with HTTP ``Range`` resume, are verified (SHA-256 when known, byte count always) and
+then renamed atomically. The cache folder is ``cache_dir``, else ``$IMAGEBIND_LLM_CACHE``, else
+``~/.cache/imagebind_llm``.
+
+No SHA-256 of any official file is published in the sources we could read, so registry entries carry
+``sha256=None`` and only their approximate size; a hash passed to ``fetch`` is always checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import os
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "IMAGEBIND_LLM_CACHE"
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """One downloadable file.
+
+    Attributes:
+        name: registry name and file name in the cache.
+        url: source URL.
+        description: what the file is and what loads it.
+        approx_size: size in bytes as listed by the host (rounded; for display, never verified).
+        size: exact size in bytes when known (verified).
+        sha256: hex digest when known (verified); ``None`` means not published anywhere we could read.
+    """
+
+    name: str
+    url: str
+    description: str
+    approx_size: int | None = None
+    size: int | None = None
+    sha256: str | None = None
+
+
+_HF_IBLLM = "https://huggingface.co/Cxxs/ImageBind-LLM/resolve/main"
+REGISTRY: dict[str, WeightFile] = {f.name: f for f in (
+    WeightFile("imagebind_huge.pth", "https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth",
+               "Meta's ImageBind-huge encoder (no point branch); ImageBindConfig.huge(with_point=False)",
+               approx_size=4_800_000_000),
+    WeightFile("imagebind_w3D.pth",
+               "https://huggingface.co/ZiyuG/ImageBind_w3D/resolve/e9206a10f118b0790c730264e7b3aa5c324c35cb/"
+               "imagebind_w3D.pth",
+               "ImageBind-LLM's encoder: ImageBind-huge + Point-BERT branch; ImageBindConfig.huge()",
+               approx_size=4_890_000_000),
+    WeightFile("7B.pth", f"{_HF_IBLLM}/7B.pth",
+               "ImageBind-LLM adapter after stage 2 (bind network, prefix, gates, norms, bias/LoRA)",
+               approx_size=2_600_000_000),
+    WeightFile("7B-pretrained.pth", f"{_HF_IBLLM}/7B-pretrained.pth",
+               "ImageBind-LLM adapter after stage 1 (bind network, prefix, gates)", approx_size=2_430_000_000),
+    WeightFile("7B-beta.pth", f"{_HF_IBLLM}/7B-beta.pth",
+               "legacy ImageBind-LLM adapter (LayerNorm + bias bind network)", approx_size=2_600_000_000),
+    WeightFile("knn.index", "https://huggingface.co/csuhan/knn/resolve/main/knn.index",
+               "FAISS flat inner-product index of ~3.2M CC3M ImageBind image embeddings (retrieval cache)",
+               approx_size=13_300_000_000),
+)}
+
+
+class DownloadError(RuntimeError):
+    """A download failed (network, HTTP status, truncated transfer)."""
+
+
+class ChecksumError(ValueError):
+    """A downloaded or cached file does not have the expected SHA-256 or size."""
+
+
+def list_weights() -> list[WeightFile]:
+    """All registry entries, in registry order."""
+    return list(REGISTRY.values())
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "imagebind_llm").expanduser()
+
+
+def _is_url(s: str) -> bool:
+    return urlparse(s).scheme in ("http", "https")
+
+
+def fetch(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *, sha256: str | None = None,
+          expected_size: int | None = None, progress: bool = True, retries: int = 3, timeout: float = 60.0) -> Path:
+    """Return a local path for a registry name, URL or local file, downloading into the cache if needed.
+
+    Args:
+        source: an existing local path, a registry name (see ``list_weights()``) or an http(s) URL.
+        cache_dir: download folder (default ``$IMAGEBIND_LLM_CACHE`` or ``~/.cache/imagebind_llm``).
+        sha256: expected hex digest (overrides the registry's).
+        expected_size: expected size in bytes (overrides the registry's).
+        progress: show a progress bar on stderr.
+        retries: how many times an interrupted transfer is resumed before giving up.
+        timeout: socket timeout in seconds.
+
+    Raises:
+        FileNotFoundError: ``source`` is neither an existing file, a registry name nor a URL.
+        ChecksumError: the file's SHA-256 or size differs (names the file and both values).
+        DownloadError: the server failed or the transfer kept breaking.
+    """
+    text = os.fspath(source)
+    if text in REGISTRY:
+        entry = REGISTRY[text]
+        url, filename = entry.url, entry.name
+        sha256, expected_size = sha256 or entry.sha256, expected_size or entry.size
+    elif _is_url(text):
+        url, filename = text, Path(urlparse(text).path).name or "download"
+    else:
+        path = Path(text).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"{text}: no such file, and not a URL or one of the known files "
+                                    f"{sorted(REGISTRY)}")
+        return path
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    dest = folder / filename
+    if dest.exists():
+        _verify(dest, _sha256_file(dest) if sha256 else None, sha256, expected_size)
+        return dest
+    part = dest.with_name(dest.name + ".part")
+    digest = _download(url, part, progress=progress, retries=retries, timeout=timeout)
+    try:
+        _verify(part, digest, sha256, expected_size, source_url=url)
+    except ChecksumError:
+        part.unlink(missing_ok=True)
+        raise
+    os.replace(part, dest)
+    log.info("downloaded %s -> %s (sha256 %s)", url, dest, digest)
+    return dest
+
+
+def _verify(path: Path, digest: str | None, sha256: str | None, size: int | None, source_url: str = "") -> None:
+    where = f" (from {source_url})" if source_url else ""
+    actual_size = path.stat().st_size
+    if size is not None and actual_size != size:
+        raise ChecksumError(f"{path.name}{where}: expected {size} bytes, got {actual_size}; delete {path} and retry")
+    if sha256 is not None and digest != sha256.lower():
+        raise ChecksumError(f"{path.name}{where}: SHA-256 mismatch, expected {sha256.lower()}, got {digest}; "
+                            f"the file is corrupt or not the expected one (delete {path} to download it again)")
+
+
+def _sha256_file(path: Path, h: hashlib._Hash | None = None) -> str:
+    h = h or hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _download(url: str, part: Path, *, progress: bool, retries: int, timeout: float) -> str:
+    """Download ``url`` into ``part``, resuming from its current length; return the SHA-256 of the result."""
+    for attempt in range(retries + 1):
+        try:
+            return _download_once(url, part, progress=progress, timeout=timeout)
+        except (OSError, http.client.HTTPException, DownloadError) as e:
+            if isinstance(e, urllib.error.HTTPError) and e.code < 500 and e.code != 416:
+                raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from e
+            if attempt == retries:
+                raise DownloadError(f"{url}: download failed after {retries + 1} attempts ({e}); "
+                                    f"run again to resume from {part}") from e
+            log.warning("download of %s interrupted (%s); resuming", url, e)
+    raise AssertionError("unreachable")
+
+
+def _download_once(url: str, part: Path, *, progress: bool, timeout: float) -> str:
+    from tqdm import tqdm
+
+    start = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": "imagebind-llm"}
+    if start:
+        headers["Range"] = f"bytes={start}-"
+    try:
+        resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and start:  # range past the end: the partial file is stale, start over
+            part.unlink()
+            return _download_once(url, part, progress=progress, timeout=timeout)
+        raise
+    with resp:
+        h = hashlib.sha256()
+        if resp.status == 206:
+            if not resp.headers.get("Content-Range", "").startswith(f"bytes {start}-"):
+                raise DownloadError(f"{url}: server answered Range {start}- with "
+                                    f"Content-Range {resp.headers.get('Content-Range')!r}")
+            _sha256_file(part, h)  # hash the prefix we keep
+            mode = "ab"
+        else:  # 200: the server ignored Range; start over
+            start, mode = 0, "wb"
+        length = resp.headers.get("Content-Length")
+        total = start + int(length) if length is not None else None
+        received = start
+        with part.open(mode) as f, tqdm(total=total, initial=start, unit="B", unit_scale=True,
+                                        desc=part.name.removesuffix(".part"), disable=not progress) as bar:
+            while chunk := resp.read(CHUNK):
+                f.write(chunk)
+                h.update(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+    if total is not None and received != total:
+        raise DownloadError(f"{url}: connection closed after {received} of {total} bytes")
+    return h.hexdigest()
+
+
+def format_weights_table() -> str:
+    """The registry as a text table (name, approximate size, cached?, URL) for the CLI."""
+    folder = default_cache_dir()
+    rows = [("name", "size", "cached", "sha256", "url")]
+    for f in list_weights():
+        size = f"{f.approx_size / 1e9:.2f} GB" if f.approx_size else "?"
+        rows.append((f.name, size, "yes" if (folder / f.name).exists() else "no",
+                     f.sha256[:12] if f.sha256 else "unpublished", f.url))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines) + f"\ncache folder: {folder} (set ${CACHE_ENV} to change)"
