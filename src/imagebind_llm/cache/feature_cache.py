@@ -1,0 +1,540 @@
+"""`FeatureCache`: a FAISS index of unit-norm ImageBind features, its metadata, and the cache blend.
+
+A saved cache is a folder::
+
+    cache/
+      meta.json       encoder, dim, count, metric, index factory/type, build date, blend defaults,
+                      and the size and SHA-256 of every other file
+      index.faiss     the FAISS index (inner product)
+      vectors.npy     optional float16/float32 [count, dim] copy of the features, used for the blend
+                      when the index stores lossy codes (SQ8); memory-mapped on load
+      sources.json    optional list of the source file of every vector (row order)
+
+`FeatureCache.load` checks every file's size (and, by default for caches up to 1 GiB, its
+SHA-256) before FAISS reads it, so a truncated or corrupt download is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import faiss
+import numpy as np
+import torch
+
+from imagebind_llm.cache import index as index_lib
+from imagebind_llm.model.retrieval import blend_neighbours
+
+log = logging.getLogger(__name__)
+
+FORMAT = "imagebind-llm-feature-cache"
+FORMAT_VERSION = 1
+INDEX_FILE = "index.faiss"
+VECTORS_FILE = "vectors.npy"
+SOURCES_FILE = "sources.json"
+META_FILE = "meta.json"
+VERIFY_MAX_BYTES = 1 << 30  # verify=None checksums caches up to this size
+DEFAULT_ENCODER = "imagebind_huge"
+
+Array = TypeVar("Array", np.ndarray, torch.Tensor)
+
+
+class CacheError(ValueError):
+    """A cache folder is missing, truncated, corrupt, or incompatible with the model."""
+
+
+@dataclass
+class BlendDefaults:
+    """Official defaults of ``forward_visual``: top-k 10, temperature 20, weight 0.5."""
+
+    top_k: int = 10
+    temperature: float = 20.0
+    weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 <= self.weight <= 1.0:
+            raise ValueError(f"weight must be in [0, 1], got {self.weight}")
+
+
+@dataclass
+class CacheMeta:
+    """What `meta.json` records about a cache."""
+
+    encoder: str
+    dim: int
+    count: int
+    index_factory: str
+    index_type: str
+    metric: str = "ip"
+    vectors_dtype: str | None = None  # dtype of vectors.npy, None when the blend reconstructs from the index
+    nprobe: int | None = None
+    created: str = ""
+    defaults: BlendDefaults = field(default_factory=BlendDefaults)
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"bytes", "sha256"}
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. the build's source description
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": FORMAT_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], where: Path) -> "CacheMeta":
+        if d.get("format") != FORMAT or d.get("version") != FORMAT_VERSION:
+            raise CacheError(
+                f"{where} is not a version-{FORMAT_VERSION} {FORMAT} metadata file "
+                f"(format={d.get('format')!r}, version={d.get('version')!r})"
+            )
+        fields = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in fields}
+        d["defaults"] = BlendDefaults(**d.get("defaults", {}))
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise CacheError(f"{where}: incomplete cache metadata ({e})") from None
+
+
+def sha256_file(path: str | Path, chunk_bytes: int = 8 << 20) -> str:
+    """SHA-256 of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            h.update(block)
+    return h.hexdigest()
+
+
+class FeatureCache:
+    """A searchable cache of unit-norm features and the official ImageBind-LLM blend.
+
+    Calling the cache blends with its stored defaults, so a model can take it as a hook
+    ``cache(mixed_feature [B, D]) -> [B, D]``.
+
+    Args:
+        index: a filled inner-product FAISS index.
+        meta: its metadata.
+        vectors: optional ``[count, dim]`` float16/float32 array (may be a memmap) used for the blend
+            instead of reconstructing from the index.
+        sources: optional source file name of every vector.
+    """
+
+    def __init__(
+        self,
+        index: faiss.Index,
+        meta: CacheMeta,
+        *,
+        vectors: np.ndarray | None = None,
+        sources: Sequence[str] | None = None,
+        use_gpu: bool | None = None,
+    ) -> None:
+        if index.d != meta.dim or index.ntotal != meta.count:
+            raise CacheError(
+                f"index holds {index.ntotal} vectors of dim {index.d}, metadata says {meta.count} of dim {meta.dim}"
+            )
+        if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise CacheError(f"the cache index must use the inner-product metric, got FAISS metric {index.metric_type}")
+        if vectors is not None and tuple(vectors.shape) != (meta.count, meta.dim):
+            raise CacheError(f"vectors have shape {tuple(vectors.shape)}, expected {(meta.count, meta.dim)}")
+        if sources is not None and len(sources) != meta.count:
+            raise CacheError(f"{len(sources)} source names for {meta.count} vectors")
+        self.index = index
+        self.meta = meta
+        self.vectors = vectors
+        self.sources = list(sources) if sources is not None else None
+        self.path: Path | None = None  # the folder it was loaded from (its files may be memory-mapped)
+        if meta.nprobe is not None:
+            index_lib.set_nprobe(index, meta.nprobe)
+        self._gpu_index = index_lib.gpu_search_index(index) if use_gpu in (None, True) else None
+        if use_gpu and self._gpu_index is None:
+            raise RuntimeError("use_gpu=True but GPU FAISS or a GPU is not available")
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_vectors(
+        cls,
+        vectors: np.ndarray | torch.Tensor,
+        *,
+        encoder: str = DEFAULT_ENCODER,
+        factory: str | None = None,
+        storage: str = "auto",
+        memory_budget: int | None = None,
+        nprobe: int = 32,
+        keep_vectors: str | None = "auto",
+        sources: Sequence[str] | None = None,
+        defaults: BlendDefaults | None = None,
+    ) -> "FeatureCache":
+        """Build an in-memory cache from ``[n, D]`` unit-norm vectors.
+
+        Args:
+            vectors: ``[n, D]`` features (numpy or torch, any float dtype); rows must be unit-norm.
+            encoder: name of the encoder that produced them (checked by `check_compatible`).
+            factory: FAISS factory string; default chosen by `index.choose_factory`.
+            storage, memory_budget: passed to `index.choose_factory` when ``factory`` is None.
+            nprobe: IVF lists searched (ignored by exact indexes).
+            keep_vectors: ``"float32"``/``"float16"`` keeps a copy for the blend; None reconstructs
+                from the index; ``"auto"`` keeps float16 only when the index codes are 8-bit.
+            sources: source file name of every row.
+            defaults: blend defaults used by ``__call__``.
+        """
+        if isinstance(vectors, torch.Tensor):
+            vectors = vectors.detach().cpu().float().numpy()
+        vectors = np.asarray(vectors)
+        if vectors.ndim != 2 or len(vectors) == 0:
+            raise ValueError(f"vectors must be a non-empty [n, D] array, got shape {vectors.shape}")
+        check_unit_norm(vectors[: 1 << 16], "vectors")
+        n, dim = vectors.shape
+        factory = factory or index_lib.choose_factory(n, dim, storage=storage, memory_budget=memory_budget)
+        index = index_lib.build_index(dim, factory, lambda: _row_chunks(vectors), n)
+        keep = resolve_keep_vectors(keep_vectors, factory)
+        meta = new_meta(index, factory, encoder, nprobe=nprobe, vectors_dtype=keep, defaults=defaults)
+        kept = vectors.astype(keep) if keep else None
+        return cls(index, meta, vectors=kept, sources=sources)
+
+    @classmethod
+    def from_index(
+        cls,
+        index: faiss.Index | str | Path,
+        *,
+        encoder: str = DEFAULT_ENCODER,
+        sources: Sequence[str] | None = None,
+        mmap: bool = True,
+        defaults: BlendDefaults | None = None,
+    ) -> "FeatureCache":
+        """Wrap an existing inner-product FAISS index (e.g. the official ``knn.index``) as is.
+
+        The blend reconstructs neighbours from the index, so it must support ``reconstruct``
+        (flat and IVF indexes do).
+        """
+        if not isinstance(index, faiss.Index):
+            path = Path(index)
+            if not path.is_file():
+                raise FileNotFoundError(f"FAISS index file {path} does not exist")
+            try:
+                index = index_lib.read_index(path, mmap=mmap)
+            except RuntimeError as e:
+                raise CacheError(f"{path} is not a readable FAISS index (truncated or corrupt?): {e}") from None
+        factory = _describe_factory(index)
+        nprobe = index_lib.get_nprobe(index)
+        return cls(index, new_meta(index, factory, encoder, nprobe=nprobe, defaults=defaults), sources=sources)
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, path: str | Path) -> Path:
+        """Write the cache folder (index, optional vectors and sources, then meta.json last)."""
+        path = Path(path)
+        if self.path is not None and path.exists() and os.path.samefile(path, self.path):
+            raise ValueError(f"cannot save a cache over the folder it was loaded from ({path}); save elsewhere")
+        path.mkdir(parents=True, exist_ok=True)
+        (path / META_FILE).unlink(missing_ok=True)  # a folder without meta.json is never loadable half-written
+        files = {INDEX_FILE: path / INDEX_FILE}
+        faiss.write_index(self.index, str(files[INDEX_FILE]))
+        if self.vectors is not None:
+            files[VECTORS_FILE] = path / VECTORS_FILE
+            if not _backed_by(self.vectors, files[VECTORS_FILE]):  # builders write it there directly
+                _save_npy_chunked(files[VECTORS_FILE], self.vectors)
+        if self.sources is not None:
+            files[SOURCES_FILE] = path / SOURCES_FILE
+            files[SOURCES_FILE].write_text(json.dumps(self.sources))
+        self.meta.files = {name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for name, p in files.items()}
+        self.meta.nprobe = self.nprobe
+        _atomic_write_text(path / META_FILE, json.dumps(self.meta.to_json(), indent=2))
+        return path
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        mmap: bool = True,
+        verify: bool | None = None,
+        use_gpu: bool | None = None,
+    ) -> "FeatureCache":
+        """Load a cache folder.
+
+        Args:
+            path: folder written by `save` or `build.build_cache`.
+            mmap: memory-map the index codes and vectors instead of reading them into RAM.
+            verify: check SHA-256 checksums (None: only when the files total at most 1 GiB). File
+                sizes are always checked.
+            use_gpu: search on GPU FAISS (None: when available).
+
+        Raises:
+            FileNotFoundError: no cache at ``path``.
+            CacheError: a file is missing, truncated or corrupt, or the metadata is invalid.
+        """
+        path = Path(path)
+        meta_path = path / META_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"no feature cache at {path} ({META_FILE} missing); build one with `cache build`")
+        try:
+            meta = CacheMeta.from_json(json.loads(meta_path.read_text()), meta_path)
+        except json.JSONDecodeError as e:
+            raise CacheError(f"{meta_path} is not valid JSON: {e}") from None
+        verify_files(path, meta, verify)
+        try:
+            index = index_lib.read_index(path / INDEX_FILE, mmap=mmap)
+        except RuntimeError as e:
+            raise CacheError(f"FAISS could not read {path / INDEX_FILE} (corrupt?): {e}") from None
+        vectors = None
+        if VECTORS_FILE in meta.files:
+            vectors = np.load(path / VECTORS_FILE, mmap_mode="r" if mmap else None)
+        sources = json.loads((path / SOURCES_FILE).read_text()) if SOURCES_FILE in meta.files else None
+        cache = cls(index, meta, vectors=vectors, sources=sources, use_gpu=use_gpu)
+        cache.path = path
+        return cache
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def dim(self) -> int:
+        return self.meta.dim
+
+    def __len__(self) -> int:
+        return self.meta.count
+
+    @property
+    def nprobe(self) -> int | None:
+        """IVF lists searched per query (None for exact indexes)."""
+        return index_lib.get_nprobe(self.index)
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        index_lib.set_nprobe(self.index, value)
+        if self._gpu_index is not None:
+            index_lib.set_nprobe(self._gpu_index, value)
+
+    def nbytes(self) -> int:
+        """Bytes of the index plus the kept vectors (what the cache occupies in RAM or page cache)."""
+        size = self.meta.files.get(INDEX_FILE, {}).get("bytes")
+        if size is None:
+            size = index_lib.code_bytes(self.index)
+        return size + (self.vectors.nbytes if self.vectors is not None else 0)
+
+    def check_compatible(self, dim: int, encoder: str) -> None:
+        """Refuse a cache built for another feature size or encoder.
+
+        Raises:
+            CacheError: naming both sides.
+        """
+        if dim != self.dim or encoder != self.meta.encoder:
+            raise CacheError(
+                f"the cache holds {self.meta.encoder!r} features of dim {self.dim}, but the model uses "
+                f"{encoder!r} features of dim {dim}; build a cache with the model's encoder "
+                "(`imagebind-llm cache build`)"
+            )
+
+    # ------------------------------------------------------------------ query
+
+    def search(self, queries: np.ndarray | torch.Tensor, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k inner-product search.
+
+        Args:
+            queries: ``[B, D]`` features (numpy or torch on any device), searched as given.
+            top_k: neighbours per query.
+
+        Returns:
+            ``(sims [B, k] float32, ids [B, k] int64)``; ids are -1 where fewer than k were found.
+        """
+        q = self._as_query_array(queries)
+        if not 1 <= top_k <= len(self):
+            raise ValueError(f"top_k must be in [1, {len(self)}] for this cache, got {top_k}")
+        return (self._gpu_index or self.index).search(q, top_k)
+
+    def prototypes(self, ids: np.ndarray) -> np.ndarray:
+        """Stored features of neighbours ``ids [B, k]`` as ``[B, k, D]`` float32, in one vectorised read.
+
+        Missing ids (-1, possible with IVF and a small nprobe) give zero vectors.
+        """
+        flat = ids.reshape(-1)
+        missing = flat < 0
+        flat = np.where(missing, 0, flat)
+        if self.vectors is not None:
+            rows = np.asarray(self.vectors[flat], dtype=np.float32)
+        else:
+            rows = self.index.reconstruct_batch(flat)
+        rows[missing] = 0.0
+        return rows.reshape(*ids.shape, self.dim)
+
+    def blend(
+        self,
+        queries: Array,
+        top_k: int | None = None,
+        temperature: float | None = None,
+        weight: float | None = None,
+    ) -> Array:
+        """The official cache blend of ``queries [B, D]`` (see `model.retrieval.blend_neighbours`).
+
+        ``sims, ids = search(q)``; ``a = softmax(temperature * sims)``; ``r = normalize(a @ protos)``;
+        ``out = normalize((1 - weight) * q + weight * r)``, with ``q`` searched and blended as given
+        (not re-normalised) and the raw inner products, as in the official code. Search runs on
+        FAISS (CPU, or GPU FAISS when present); the blend arithmetic runs in float32 on the input's
+        device. With a kept vector copy (lossy SQ8 codes), the similarities are recomputed from it
+        so the softmax weights do not carry the 8-bit quantisation error. Missing neighbours (IVF) get zero vectors, which drop out of ``r`` exactly; a query
+        with no neighbour at all comes back as ``normalize(q)``. Unset arguments use the cache's
+        defaults (official: top-k 10, temperature 20, weight 0.5).
+
+        Returns:
+            ``[B, D]`` unit-norm features of the input's type (numpy or torch), device and dtype.
+        """
+        opts = BlendDefaults(
+            top_k if top_k is not None else self.meta.defaults.top_k,
+            temperature if temperature is not None else self.meta.defaults.temperature,
+            weight if weight is not None else self.meta.defaults.weight,
+        )
+        as_numpy = not isinstance(queries, torch.Tensor)
+        q = torch.from_numpy(np.asarray(queries)) if as_numpy else queries.detach()
+        sims, ids = self.search(q, opts.top_k)
+        protos = self.prototypes(ids)
+        if self.vectors is not None:  # lossy index codes (SQ8): rescore with the kept vectors
+            sims = np.einsum("bd,bkd->bk", self._as_query_array(q), protos)
+        sims[ids < 0] = 0.0  # FAISS reports -FLT_MAX there; their zero prototypes already drop out
+        lonely = (ids < 0).all(axis=1)
+        if lonely.any():
+            protos[lonely] = self._as_query_array(q)[lonely, None, :]  # r = normalize(q): out = normalize(q)
+        out = blend_neighbours(
+            q.to(torch.float32),
+            torch.from_numpy(sims).to(q.device),
+            torch.from_numpy(protos).to(q.device),
+            opts.temperature,
+            opts.weight,
+        )
+        return out.numpy() if as_numpy else out.to(queries.dtype)
+
+    __call__ = blend
+
+    def neighbours(self, queries: np.ndarray | torch.Tensor, top_k: int) -> list[list[tuple[int, float, str | None]]]:
+        """Per query, ``(id, similarity, source file or None)`` of its top-k neighbours."""
+        sims, ids = self.search(queries, top_k)
+        return [
+            [(int(i), float(s), self.sources[i] if self.sources else None) for s, i in zip(srow, irow) if i >= 0]
+            for srow, irow in zip(sims, ids)
+        ]
+
+    def _as_query_array(self, queries: np.ndarray | torch.Tensor) -> np.ndarray:
+        if isinstance(queries, torch.Tensor):
+            queries = queries.detach().to("cpu", torch.float32).numpy()
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"queries must have shape [B, {self.dim}] for this cache, got {tuple(q.shape)}")
+        if not np.isfinite(q).all():
+            raise ValueError("queries contain NaN or infinite values")
+        return q
+
+    def __repr__(self) -> str:
+        return (
+            f"FeatureCache(count={len(self)}, dim={self.dim}, encoder={self.meta.encoder!r}, "
+            f"index={self.meta.index_factory!r}, nprobe={self.nprobe})"
+        )
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def new_meta(
+    index: faiss.Index,
+    factory: str,
+    encoder: str,
+    *,
+    nprobe: int | None,
+    vectors_dtype: str | None = None,
+    defaults: BlendDefaults | None = None,
+    extra: dict[str, Any] | None = None,
+) -> CacheMeta:
+    """Metadata for a freshly built index (files are filled in by `FeatureCache.save`)."""
+    is_ivf = faiss.try_extract_index_ivf(index) is not None
+    return CacheMeta(
+        encoder=encoder,
+        dim=index.d,
+        count=index.ntotal,
+        index_factory=factory,
+        index_type=type(faiss.downcast_index(index)).__name__,
+        vectors_dtype=vectors_dtype,
+        nprobe=nprobe if is_ivf else None,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        defaults=defaults or BlendDefaults(),
+        extra=extra or {},
+    )
+
+
+def resolve_keep_vectors(keep_vectors: str | None, factory: str) -> str | None:
+    """The dtype of the vector copy kept for the blend (see `FeatureCache.from_vectors`)."""
+    if keep_vectors == "auto":
+        return "float16" if factory.endswith(("SQ8", "SQ4", "SQ6")) or "PQ" in factory else None
+    if keep_vectors not in (None, "float16", "float32"):
+        raise ValueError(f"keep_vectors must be 'auto', 'float16', 'float32' or None, got {keep_vectors!r}")
+    return keep_vectors
+
+
+def check_unit_norm(x: np.ndarray, name: str, tol: float = 1e-2) -> None:
+    """Refuse rows that are not unit-norm (cosine-similarity search needs normalised features)."""
+    norms = np.linalg.norm(np.asarray(x, dtype=np.float32), axis=1)
+    bad = np.flatnonzero(np.abs(norms - 1) > tol)
+    if len(bad):
+        raise ValueError(
+            f"{name} must be L2-normalised rows; row {bad[0]} has norm {norms[bad[0]]:.4f} "
+            f"({len(bad)} bad rows among the first {len(norms)})"
+        )
+
+
+def verify_files(path: Path, meta: CacheMeta, verify: bool | None) -> None:
+    """Check presence and size of every file in ``meta.files``, and their SHA-256 when asked."""
+    if INDEX_FILE not in meta.files:
+        raise CacheError(f"{path / META_FILE} lists no {INDEX_FILE}")
+    total = sum(int(info["bytes"]) for info in meta.files.values())
+    if verify is None:
+        verify = total <= VERIFY_MAX_BYTES
+    for name, info in meta.files.items():
+        p = path / name
+        if not p.is_file():
+            raise CacheError(f"cache file {p} is missing")
+        size = p.stat().st_size
+        if size != info["bytes"]:
+            raise CacheError(
+                f"cache file {p} has {size} bytes, expected {info['bytes']} (truncated or replaced); rebuild or re-download it"
+            )
+        if verify and sha256_file(p) != info["sha256"]:
+            raise CacheError(f"cache file {p} fails its SHA-256 check (corrupt); rebuild or re-download it")
+
+
+def _describe_factory(index: faiss.Index) -> str:
+    """A factory-like description of an index that was built elsewhere."""
+    ivf = faiss.try_extract_index_ivf(index)
+    name = type(faiss.downcast_index(index)).__name__
+    return name if ivf is None else f"IVF{ivf.nlist},{name}"
+
+
+def _row_chunks(x: np.ndarray, rows: int = 65536):
+    for start in range(0, len(x), rows):
+        yield x[start : start + rows]
+
+
+def _save_npy_chunked(path: Path, x: np.ndarray) -> None:
+    """``np.save`` that copies a (possibly memory-mapped) array in chunks, never all at once."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=x.dtype, shape=x.shape)
+    for start in range(0, len(x), 65536):
+        out[start : start + 65536] = x[start : start + 65536]
+    out.flush()
+    del out
+
+
+def _backed_by(x: np.ndarray, path: Path) -> bool:
+    """Whether ``x`` is a memmap of the file ``path``."""
+    filename = getattr(x, "filename", None)
+    return filename is not None and path.exists() and os.path.samefile(filename, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
