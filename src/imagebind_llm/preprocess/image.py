@@ -1,0 +1,151 @@
+"""RGB image preprocessing as ImageBind's ``load_and_transform_vision_data``, and the training crop.
+
+Inference: PIL RGB -> resize the short side to 224 with PIL's (antialiased) bicubic -> centre crop
+224 (offset ``round((size - 224) / 2)``) -> /255 -> CLIP mean/std. Training (ImageBind-LLM's
+``dataset.py``): ``RandomResizedCrop(224, scale=(0.9, 1), ratio=(3/4, 4/3), bicubic)``, no flip.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .errors import MediaError, as_list, is_source, open_source, source_name
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class ImageConfig:
+    """Image preprocessing parameters (defaults = ImageBind)."""
+
+    size: int = 224
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    train_scale: tuple[float, float] = (0.9, 1.0)
+    train_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+
+def open_image(source: Any, index: int = 0, mode: str | None = "RGB") -> Image.Image:
+    """Decode ``source`` (path, bytes, file object, PIL image or ``[H, W(, C)]`` uint8 array) to a PIL image.
+
+    ``mode`` is the PIL mode to convert to (``None`` keeps the decoded mode).
+
+    Raises:
+        MediaError: missing, empty, truncated or undecodable input.
+    """
+    if isinstance(source, Image.Image):
+        return source if mode is None else source.convert(mode)
+    if isinstance(source, np.ndarray):
+        try:
+            image = Image.fromarray(source)
+            return image if mode is None else image.convert(mode)
+        except (TypeError, ValueError) as e:
+            raise MediaError(f"<array #{index}>", f"cannot interpret array of shape {source.shape} and dtype {source.dtype} as an image: {e}") from None
+    name = source_name(source, index)
+    if not is_source(source):
+        raise MediaError(name, f"unsupported input type {type(source).__name__}; pass a path, bytes, file object, PIL image or array")
+    with open_source(source, index) as f:
+        try:
+            image = Image.open(f)
+            image.load()  # decode now, while the file is open; surfaces truncation errors here
+            return image if mode is None else image.convert(mode)
+        except UnidentifiedImageError:
+            raise MediaError(name, "not a recognised image format (expected JPEG, PNG, WebP, BMP, ...)") from None
+        except (OSError, ValueError, SyntaxError) as e:
+            raise MediaError(name, f"image is corrupt or truncated ({e})") from None
+
+
+def resize_short_side(image: Image.Image, size: int) -> Image.Image:
+    """Bicubic resize so the shorter side is ``size``; the longer one becomes ``int(size * long / short)``."""
+    w, h = image.size
+    if w <= h:
+        new_w, new_h = size, int(size * h / w)
+    else:
+        new_w, new_h = int(size * w / h), size
+    if (new_w, new_h) == (w, h):
+        return image
+    return image.resize((new_w, new_h), Image.BICUBIC)
+
+
+def center_crop(image: Image.Image, size: int) -> Image.Image:
+    """Crop the central ``size x size`` window (offsets rounded half to even, as torchvision)."""
+    w, h = image.size
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
+def to_normalized_tensor(image: Image.Image, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """PIL image -> float ``[C, H, W]`` in [0, 1], then ``(x - mean) / std`` per channel."""
+    x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+    x = x.unsqueeze(-1) if x.ndim == 2 else x
+    x = x.permute(2, 0, 1).float().div(255.0)
+    m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    return (x - m) / s
+
+
+def transform_image(image: Image.Image, config: ImageConfig = ImageConfig()) -> torch.Tensor:
+    """Inference transform of one RGB PIL image -> ``[3, size, size]``."""
+    image = center_crop(resize_short_side(image, config.size), config.size)
+    return to_normalized_tensor(image, config.mean, config.std)
+
+
+def load_images(sources: Any, config: ImageConfig = ImageConfig()) -> torch.Tensor:
+    """Load and preprocess images exactly as ImageBind's vision loader.
+
+    Args:
+        sources: one or a list of paths, bytes, binary file objects, PIL images or uint8 arrays.
+        config: preprocessing parameters.
+
+    Returns:
+        ``[N, 3, 224, 224]`` float32.
+    """
+    return torch.stack([transform_image(open_image(s, i), config) for i, s in enumerate(as_list(sources))])
+
+
+def random_resized_crop_box(
+    width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float], generator: torch.Generator | None
+) -> tuple[int, int, int, int]:
+    """Sample a crop ``(left, top, w, h)`` with the RandomResizedCrop rule (10 tries, then a centre fallback)."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator).item())
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=generator).item())
+            left = int(torch.randint(0, width - w + 1, (1,), generator=generator).item())
+            return left, top, w, h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def train_transform(image: Any, generator: torch.Generator | None = None, config: ImageConfig = ImageConfig()) -> torch.Tensor:
+    """ImageBind-LLM's training augmentation: random resized crop (bicubic), no flip, CLIP normalisation.
+
+    Args:
+        image: anything `open_image` accepts.
+        generator: torch RNG for reproducible crops (``None`` uses the global RNG).
+
+    Returns:
+        ``[3, size, size]`` float32.
+    """
+    image = open_image(image)
+    left, top, w, h = random_resized_crop_box(*image.size, config.train_scale, config.train_ratio, generator)
+    crop = image.crop((left, top, left + w, top + h)).resize((config.size, config.size), Image.BICUBIC)
+    return to_normalized_tensor(crop, config.mean, config.std)
