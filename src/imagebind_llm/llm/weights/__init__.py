@@ -1,0 +1,137 @@
+"""Load a LLaMA-family LLM (weights + tokenizer + chat template) from any supported format.
+
+Formats, detected from the path alone:
+
+* a ``.gguf`` file (llama.cpp), tokenizer and chat template embedded;
+* a Hugging Face directory: ``config.json`` + ``*.safetensors`` (tokenizer from ``tokenizer.json``
+  or ``tokenizer.model``);
+* a Meta directory: ``params.json`` + ``consolidated.NN.pth``, with ``tokenizer.model`` in it or one
+  level up (Meta's ``llama_dir/7B/`` + ``llama_dir/tokenizer.model``).
+
+With no path, the embedded default model (SmolLM2-135M-Instruct, GGUF) is used.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import LLMConfig
+from ..model import Transformer
+from ..tokenizer import BaseTokenizer, HFTokenizer, load_tokenizer
+from .common import CheckpointMismatchError, WeightsFormatError, build_model
+from .gguf import find_default_gguf, load_gguf
+from .hf import load_hf_state_dict
+from .meta import SHARD_GLOB, load_meta_state_dict
+
+__all__ = [
+    "CheckpointMismatchError",
+    "LoadedLLM",
+    "WeightsFormatError",
+    "detect_format",
+    "load_hf_state_dict",
+    "load_llm",
+    "load_meta_state_dict",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("gguf", "hf", "meta")
+_EXPECTED = (
+    "a .gguf file; a Hugging Face directory with config.json and *.safetensors; "
+    "or a Meta directory with params.json and consolidated.00.pth"
+)
+
+
+@dataclass
+class LoadedLLM:
+    """A ready-to-use LLM: the decoder (eval mode), its tokenizer, and where it came from.
+
+    ``tokenizer.chat_template`` holds the model's own Jinja chat template when the files carry one.
+    """
+
+    model: Transformer
+    tokenizer: BaseTokenizer
+    format: str
+    path: Path
+
+    @property
+    def config(self) -> LLMConfig:
+        return self.model.config
+
+
+def detect_format(path: str | Path) -> str:
+    """``"gguf"``, ``"hf"`` or ``"meta"`` for `path`.
+
+    Raises:
+        FileNotFoundError: `path` does not exist.
+        WeightsFormatError: no known format; the message lists what was found and what is expected.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist; expected {_EXPECTED}")
+    if path.is_file():
+        with path.open("rb") as f:
+            if f.read(4) == b"GGUF":
+                return "gguf"
+        raise WeightsFormatError(f"{path} is a file but not a GGUF file; expected {_EXPECTED}")
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return "hf"
+    if (path / "params.json").is_file() and any(path.glob(SHARD_GLOB)):
+        return "meta"
+    found = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    hint = ""
+    subdirs = [p.name for p in path.iterdir() if p.is_dir() and (p / "params.json").is_file()]
+    if subdirs:
+        hint = f"; this looks like a Meta llama_dir: pass one of its model folders, e.g. {path / sorted(subdirs)[0]}"
+    shown = ", ".join(found[:12]) + (f", ... ({len(found)} entries)" if len(found) > 12 else "")
+    raise WeightsFormatError(f"{path} holds no supported weights (found: {shown or 'nothing'}); expected {_EXPECTED}{hint}")
+
+
+def _meta_tokenizer(path: Path) -> BaseTokenizer:
+    for folder in (path, path.parent):
+        if (folder / "tokenizer.model").is_file() or (folder / "tokenizer.json").is_file():
+            return load_tokenizer(folder)
+    raise FileNotFoundError(f"no tokenizer.model in {path} or {path.parent}; copy Meta's tokenizer.model next to "
+                            "params.json")
+
+
+def load_llm(path: str | Path | None = None, *, dtype: torch.dtype = torch.float32,
+             device: torch.device | str = "cpu") -> LoadedLLM:
+    """Load an LLM from `path` (any supported format) or the embedded default.
+
+    Args:
+        path: a ``.gguf`` file, a Hugging Face or a Meta directory; None for the embedded SmolLM2.
+        dtype: parameter dtype (quantised GGUF tensors are dequantised to it).
+        device: where the parameters live.
+
+    Raises:
+        FileNotFoundError: the path, a weight shard or the tokenizer is missing.
+        WeightsFormatError: the path holds no supported format or an unsupported architecture.
+        CheckpointMismatchError: the weights do not match the configuration stored with them.
+        ValueError: other invalid files (e.g. a corrupt GGUF).
+    """
+    path = Path(path) if path is not None else find_default_gguf()
+    fmt = detect_format(path)
+    if fmt == "gguf":
+        model, metadata = load_gguf(path, dtype=dtype, device=device)
+        if metadata.get("tokenizer.ggml.model") == "gpt2":
+            tokenizer: BaseTokenizer = HFTokenizer.from_gguf_metadata(metadata)
+        else:  # e.g. a SentencePiece vocabulary: use the model's tokenizer file next to the GGUF
+            tokenizer = load_tokenizer(path.parent)
+    elif fmt == "hf":
+        config, state = load_hf_state_dict(path, dtype=dtype, device=device)
+        model, tokenizer = build_model(config, state, path), load_tokenizer(path)
+    else:
+        config, state = load_meta_state_dict(path, dtype=dtype, device=device)
+        model, tokenizer = build_model(config, state, path), _meta_tokenizer(path)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise CheckpointMismatchError(
+            f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size} "
+            "embeddings; the tokenizer belongs to another model"
+        )
+    logger.info("loaded %s model from %s (%d layers, dim %d)", fmt, path, model.config.n_layers, model.config.dim)
+    return LoadedLLM(model=model, tokenizer=tokenizer, format=fmt, path=path)

@@ -1,0 +1,100 @@
+"""Pieces shared by the weight converters: key mapping tables, shape checks, model assembly, errors."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from ..config import LLMConfig
+from ..model import Transformer
+
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+class WeightsFormatError(ValueError):
+    """A path that holds no weight format we can load."""
+
+
+class CheckpointMismatchError(ValueError):
+    """Tensors that do not match the model configuration (missing, unexpected or wrongly shaped)."""
+
+
+def map_key(name: str, table: Mapping[str, str]) -> str | None:
+    """Translate `name` with a table whose keys and values use ``{}`` for the layer index; None if unknown."""
+    match = _LAYER_INDEX.search(name)
+    if match is None:
+        return table.get(name)
+    pattern = name[: match.start()] + ".{}." + name[match.end():]
+    target = table.get(pattern)
+    return target.format(match.group(1)) if target is not None else None
+
+
+def invert(table: Mapping[str, str]) -> dict[str, str]:
+    """The inverse of a one-to-one key mapping table."""
+    inverse = {v: k for k, v in table.items()}
+    assert len(inverse) == len(table), "mapping table is not one-to-one"
+    return inverse
+
+
+def expected_shapes(config: LLMConfig) -> dict[str, tuple[int, ...]]:
+    """Our state-dict key -> shape for `config` (computed on the meta device: no memory used)."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_shape(key: str, shape: tuple[int, ...], expected: Mapping[str, tuple[int, ...]], source: str | Path) -> None:
+    """Raise `CheckpointMismatchError` unless `key` is expected with exactly `shape`.
+
+    Args:
+        key: our state-dict key.
+        shape: the tensor's shape in the file, after conversion to our layout.
+        expected: from `expected_shapes`.
+        source: the file or tensor name, for the message.
+    """
+    if key not in expected:
+        raise CheckpointMismatchError(
+            f"{source}: tensor {key!r} is not part of a model with this configuration "
+            f"({_describe(expected)}); the weights and the config file do not belong together"
+        )
+    if tuple(shape) != expected[key]:
+        raise CheckpointMismatchError(
+            f"{source}: tensor {key!r} has shape {list(shape)} but the config expects {list(expected[key])}; "
+            "the weights and the config file do not belong together"
+        )
+
+
+def check_complete(state: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], source: str | Path) -> None:
+    """Raise `CheckpointMismatchError` naming the tensors the model needs and `state` lacks."""
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointMismatchError(f"{source}: missing tensors {missing[:5]}{more} ({_describe(expected)})")
+
+
+def build_model(config: LLMConfig, state: dict[str, torch.Tensor], source: str | Path) -> Transformer:
+    """A `Transformer` whose parameters are the tensors of `state` (assigned, not copied), in eval mode.
+
+    The model is built on the meta device, so no random initialisation happens and no second copy of
+    the weights is made; dtype and device are those of the tensors in `state`.
+
+    Raises:
+        CheckpointMismatchError: `state` has missing, unexpected or wrongly shaped tensors.
+    """
+    expected = expected_shapes(config)
+    for key, tensor in state.items():
+        check_shape(key, tuple(tensor.shape), expected, source)
+    check_complete(state, expected, source)
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.load_state_dict(state, assign=True, strict=True)
+    return model.eval()
+
+
+def _describe(expected: Mapping[str, tuple[int, ...]]) -> str:
+    n_layers = len({k.split(".")[1] for k in expected if k.startswith("layers.")})
+    vocab, dim = expected["tok_embeddings.weight"]
+    return f"config: {n_layers} layers, dim {dim}, vocab {vocab}"
