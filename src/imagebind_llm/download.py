@@ -95,7 +95,7 @@ def _is_url(s: str) -> bool:
 
 def fetch(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *, sha256: str | None = None,
           expected_size: int | None = None, progress: bool = True, retries: int = 3, timeout: float = 60.0) -> Path:
-    """Return a local path for a registry name, URL or local file, downloading into the cache if needed.
+    """Return a local path for a local file, registry name or URL, downloading into the cache if needed.
 
     Args:
         source: an existing local path, a registry name (see ``list_weights()``) or an http(s) URL.
@@ -112,6 +112,9 @@ def fetch(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
         DownloadError: the server failed or the transfer kept breaking.
     """
     text = os.fspath(source)
+    local = Path(text).expanduser()
+    if local.exists():
+        return local
     if text in REGISTRY:
         entry = REGISTRY[text]
         url, filename = entry.url, entry.name
@@ -119,11 +122,7 @@ def fetch(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
     elif _is_url(text):
         url, filename = text, Path(urlparse(text).path).name or "download"
     else:
-        path = Path(text).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"{text}: no such file, and not a URL or one of the known files "
-                                    f"{sorted(REGISTRY)}")
-        return path
+        raise FileNotFoundError(f"{text}: no such file, and not a URL or one of the known files {sorted(REGISTRY)}")
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
     dest = folder / filename
