@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import from_official, has_point_branch, read_state_dict
 from .config import (
     IMAGE_SIZE, IMU_CHANNELS, IMU_LENGTH, LOGIT_SCALE_INIT, MAX_LOGIT_SCALE, TEXT_CONTEXT, TEXT_VOCAB,
     ImageBindConfig,
@@ -307,13 +308,12 @@ class ImageBind(nn.Module):
 
         Tensors are assigned in place of the current parameters (build the model on the ``meta``
         device to avoid allocating it twice). Floating tensors are cast to ``dtype`` (default: the
-        model's current dtype), everything moved to ``device`` (default: the model's device, CPU for meta).
+        model's current dtype; scalar log logit scales stay float32), everything moved to ``device``
+        (default: the model's device, CPU for meta).
 
         Raises:
             ValueError: on missing or unexpected keys (strict) or shape mismatches, naming them.
         """
-        from .checkpoint import from_official, read_state_dict
-
         state = read_state_dict(source) if isinstance(source, (str, Path)) else source
         ours = from_official(state, self, strict=strict)
         current = self.state_dict(keep_vars=True)
@@ -321,7 +321,12 @@ class ImageBind(nn.Module):
         for key, value in ours.items():
             ref = current[key]
             dev = device if device is not None else ("cpu" if ref.is_meta else ref.device)
-            dt = (dtype or ref.dtype) if value.is_floating_point() else value.dtype
+            if not value.is_floating_point():
+                dt = value.dtype
+            elif value.ndim == 0:  # log logit scales: float32 keeps low-precision models' scales exact
+                dt = torch.float32
+            else:
+                dt = dtype or ref.dtype
             converted[key] = value.to(device=dev, dtype=dt)
         self.load_state_dict(converted, strict=strict, assign=True)
         still_meta = [k for k, v in self.state_dict(keep_vars=True).items() if v.is_meta]
@@ -339,8 +344,6 @@ def load_official(source: str | Path | Mapping[str, torch.Tensor], config: Image
         source: path (``.pth``/``.pt``/``.safetensors``) or an official-layout state dict.
         config: defaults to ``ImageBindConfig.huge()`` with the point branch iff the file has one.
     """
-    from .checkpoint import has_point_branch, read_state_dict
-
     state = read_state_dict(source) if isinstance(source, (str, Path)) else source
     if config is None:
         config = ImageBindConfig.huge(with_point=has_point_branch(state))
