@@ -146,3 +146,15 @@ def test_list_images_from_folder_and_file(tmp_path):
     assert list_images(tmp_path / "list.txt") == ["x.jpg", "y.jpg"]
     with pytest.raises(FileNotFoundError):
         list_images(tmp_path / "nope")
+
+
+def test_torchrun_env_ranks_build_then_rank0_merges(tmp_path, monkeypatch):
+    """Under torchrun (RANK/WORLD_SIZE set), non-zero ranks only encode; rank 0 waits and merges."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert build_cache(tmp_path / "c", images=SOURCES, encode_images=fake_encoder(), **OPTS) is None
+    assert not (tmp_path / "c" / "meta.json").exists()
+    monkeypatch.setenv("RANK", "0")
+    cache = build_cache(tmp_path / "c", images=SOURCES, encode_images=fake_encoder(), **OPTS)
+    single = fake_encoder()(SOURCES)
+    np.testing.assert_allclose(cache.index.reconstruct_n(0, 250), single, atol=0)

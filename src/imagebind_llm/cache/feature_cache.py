@@ -126,6 +126,7 @@ class FeatureCache:
         vectors: optional ``[count, dim]`` float16/float32 array (may be a memmap) used for the blend
             instead of reconstructing from the index.
         sources: optional source file name of every vector.
+        use_gpu: search on a GPU copy of the index (None: when GPU FAISS and a GPU are present).
     """
 
     def __init__(
@@ -224,6 +225,7 @@ class FeatureCache:
                 index = index_lib.read_index(path, mmap=mmap)
             except RuntimeError as e:
                 raise CacheError(f"{path} is not a readable FAISS index (truncated or corrupt?): {e}") from None
+        index_lib.ensure_direct_map(index)
         factory = _describe_factory(index)
         nprobe = index_lib.get_nprobe(index)
         return cls(index, new_meta(index, factory, encoder, nprobe=nprobe, defaults=defaults), sources=sources)
@@ -346,7 +348,9 @@ class FeatureCache:
         Returns:
             ``(sims [B, k] float32, ids [B, k] int64)``; ids are -1 where fewer than k were found.
         """
-        q = self._as_query_array(queries)
+        return self._search_array(self._as_query_array(queries), top_k)
+
+    def _search_array(self, q: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
         if not 1 <= top_k <= len(self):
             raise ValueError(f"top_k must be in [1, {len(self)}] for this cache, got {top_k}")
         return (self._gpu_index or self.index).search(q, top_k)
@@ -394,14 +398,15 @@ class FeatureCache:
         )
         as_numpy = not isinstance(queries, torch.Tensor)
         q = torch.from_numpy(np.asarray(queries)) if as_numpy else queries.detach()
-        sims, ids = self.search(q, opts.top_k)
+        q_np = self._as_query_array(q)
+        sims, ids = self._search_array(q_np, opts.top_k)
         protos = self.prototypes(ids)
         if self.vectors is not None:  # lossy index codes (SQ8): rescore with the kept vectors
-            sims = np.einsum("bd,bkd->bk", self._as_query_array(q), protos)
+            sims = np.einsum("bd,bkd->bk", q_np, protos)
         sims[ids < 0] = 0.0  # FAISS reports -FLT_MAX there; their zero prototypes already drop out
         lonely = (ids < 0).all(axis=1)
         if lonely.any():
-            protos[lonely] = self._as_query_array(q)[lonely, None, :]  # r = normalize(q): out = normalize(q)
+            protos[lonely] = q_np[lonely, None, :]  # then r = normalize(q), so out = normalize(q)
         out = blend_neighbours(
             q.to(torch.float32),
             torch.from_numpy(sims).to(q.device),

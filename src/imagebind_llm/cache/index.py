@@ -130,8 +130,13 @@ def build_index(
         added += len(chunk)
     if added != n:
         raise ValueError(f"the vector source yielded {added} rows, expected {n}")
+    return ensure_direct_map(index)
+
+
+def ensure_direct_map(index: faiss.Index) -> faiss.Index:
+    """Give an IVF index the id -> list map that `reconstruct` needs (a no-op for other indexes)."""
     ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None:
+    if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:
         ivf.make_direct_map()
     return index
 
@@ -165,11 +170,7 @@ def read_index(path: str | Path, *, mmap: bool = True) -> faiss.Index:
     cache is never copied into RAM. IVF indexes get a direct map so `reconstruct` works.
     """
     flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
-    index = faiss.read_index(str(path), flags)
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:
-        ivf.make_direct_map()
-    return index
+    return ensure_direct_map(faiss.read_index(str(path), flags))
 
 
 def set_nprobe(index: faiss.Index, nprobe: int) -> None:
@@ -179,6 +180,8 @@ def set_nprobe(index: faiss.Index, nprobe: int) -> None:
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         ivf.nprobe = min(nprobe, ivf.nlist)
+    elif hasattr(index, "nprobe"):  # GPU IVF indexes
+        index.nprobe = nprobe
 
 
 def get_nprobe(index: faiss.Index) -> int | None:
