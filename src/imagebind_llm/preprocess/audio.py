@@ -14,6 +14,7 @@ ones (soundfile seeks; PyAV streams through the file once to count samples and o
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -25,7 +26,7 @@ import torch
 
 from .errors import MediaError, as_list, is_source, open_source, source_name, source_suffix
 from .fbank import kaldi_fbank
-from .resample import resample_range, resampled_length
+from .resample import input_window, resample_range, resampled_length
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ class _AudioReader:
 
 
 class _SoundfileReader(_AudioReader):
+    """wav/flac/ogg/mp3/... through libsndfile, seeking to each range."""
+
     def __init__(self, f: Any) -> None:
         self.file = sf.SoundFile(f)
         self.num_samples, self.sample_rate = self.file.frames, self.file.samplerate
@@ -75,32 +78,34 @@ class _SoundfileReader(_AudioReader):
             self.file.seek(a)
             data = self.file.read(b - a, dtype="float32", always_2d=True)
             if data.shape[0] != b - a:
-                raise sf.LibsndfileError(0, f"expected {b - a} samples at offset {a}, got {data.shape[0]} (truncated file?)")
+                raise EOFError(f"expected {b - a} samples at offset {a}, got {data.shape[0]}")
             out.append(torch.from_numpy(data.T.copy()))
         return out
 
 
 class _PyAVReader(_AudioReader):
-    """Audio track of any container FFmpeg reads (mp4/m4a/aac/webm/...), decoded to float planar."""
+    """The first audio track of any container FFmpeg reads (mp4/m4a/aac/webm/...), as float planar.
 
-    def __init__(self, f: Any) -> None:
+    FFmpeg cannot seek sample-exactly in general, so the file is streamed: once to count samples, once
+    to collect the requested ranges (memory stays proportional to the ranges, not the file).
+    """
+
+    def __init__(self, f: Any, name: str) -> None:
         self.file = f
-        self.num_samples = 0
-        for frame in self._frames():
-            self.num_samples += frame.shape[1]
+        with av.open(f, mode="r") as container:
+            if not container.streams.audio:
+                raise MediaError(name, "has no audio stream; pass a file with an audio track")
+            self.sample_rate = container.streams.audio[0].codec_context.sample_rate
+        self.num_samples = sum(frame.shape[1] for frame in self._frames())
 
-    def _frames(self):
+    def _frames(self) -> Iterator[np.ndarray]:
         self.file.seek(0)
         with av.open(self.file, mode="r") as container:
-            if not container.streams.audio:
-                raise MediaError("", "has no audio stream")
             stream = container.streams.audio[0]
-            self.sample_rate = stream.codec_context.sample_rate
             resampler = av.AudioResampler(format="fltp", layout=stream.codec_context.layout, rate=self.sample_rate)
-            for packet in container.demux(stream):
-                for frame in packet.decode():
-                    for out in resampler.resample(frame):
-                        yield out.to_ndarray()
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    yield out.to_ndarray()
             for out in resampler.resample(None):
                 yield out.to_ndarray()
 
@@ -113,25 +118,25 @@ class _PyAVReader(_AudioReader):
                 if a < end and b > pos:
                     part.append(frame[:, max(a - pos, 0) : min(b, end) - pos])
             pos = end
-        channels = len(parts[0][0]) if parts and parts[0] else 1
-        return [torch.from_numpy(np.concatenate(p, axis=1)) if p else torch.zeros(channels, 0) for p in parts]
+        if any(not p for p, (a, b) in zip(parts, ranges) if b > a):
+            raise EOFError("the stream ended before the requested samples")
+        return [torch.from_numpy(np.concatenate(p, axis=1)) for p in parts]
 
 
 def _open_reader(f: Any, suffix: str, name: str) -> _AudioReader:
-    """soundfile for the formats libsndfile knows (by suffix, or by sniffing bytes), PyAV otherwise."""
+    """libsndfile for its formats (by suffix, or any input without one), else (or if it fails) PyAV."""
+    problems = []
     if suffix in _SOUNDFILE_SUFFIXES or not suffix:
         try:
             return _SoundfileReader(f)
         except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-            if suffix:
-                raise MediaError(name, f"cannot decode audio ({e}); is the file complete and really {suffix}?") from None
+            problems.append(f"libsndfile: {e}")
             f.seek(0)
     try:
-        return _PyAVReader(f)
-    except MediaError as e:
-        raise MediaError(name, e.problem + "; pass a file with an audio track") from None
+        return _PyAVReader(f, name)
     except (av.error.FFmpegError, ValueError, EOFError) as e:
-        raise MediaError(name, f"cannot decode audio ({e}); expected wav/flac/ogg/mp3 or a container with an audio track") from None
+        problems.append(f"FFmpeg: {e}")
+    raise MediaError(name, f"cannot decode audio ({'; '.join(problems)}); expected wav/flac/ogg/mp3 or a container with an audio track")
 
 
 def _merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -146,22 +151,11 @@ def _merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def _read_resampled(reader: _AudioReader, ranges: list[tuple[int, int]], rate: int) -> list[torch.Tensor]:
-    """Samples ``[a, b)`` of the ``rate``-Hz version of the signal for each (disjoint) range."""
-    if reader.sample_rate == rate:
-        return reader.read_ranges(ranges)
-    # Collect the input windows every output range needs in one pass, then filter each window.
-    windows: dict[tuple[int, int], torch.Tensor] = {}
-
-    def want(a: int, b: int) -> torch.Tensor:
-        windows[(a, b)] = torch.zeros(0)
-        return torch.zeros(1, b - a)
-
-    for a, b in ranges:  # dry run with a recording reader to learn which input windows are needed
-        resample_range(want, reader.num_samples, reader.sample_rate, rate, a, b)
-    keys = list(windows)
-    for key, data in zip(keys, reader.read_ranges(keys)):
-        windows[key] = data
-    return [resample_range(lambda a, b: windows[(a, b)], reader.num_samples, reader.sample_rate, rate, a, b) for a, b in ranges]
+    """Samples ``[a, b)`` of the ``rate``-Hz version of the signal, for each range, reading only what they need."""
+    n, orig = reader.num_samples, reader.sample_rate
+    windows = [input_window(a, b, n, orig, rate) for a, b in ranges]
+    inputs = reader.read_ranges(windows)
+    return [resample_range(lambda *_: x, n, orig, rate, a, b) for x, (a, b) in zip(inputs, ranges)]
 
 
 def _clip_features(clip: torch.Tensor, config: AudioConfig) -> torch.Tensor:
@@ -192,7 +186,7 @@ def _decode_clips(source: Any, index: int, config: AudioConfig) -> torch.Tensor:
         segments = _merge_ranges(clips)
         try:
             buffers = _read_resampled(reader, segments, config.sample_rate)
-        except (sf.LibsndfileError, RuntimeError, av.error.FFmpegError) as e:
+        except (sf.LibsndfileError, RuntimeError, EOFError, av.error.FFmpegError) as e:
             raise MediaError(name, f"cannot decode audio ({e}); the file may be truncated") from None
     out = []
     for a, b in clips:  # sequentially: the in-place mean shift must carry over to overlapping clips

@@ -48,13 +48,24 @@ def resampled_length(num_samples: int, orig_rate: int, new_rate: int) -> int:
     return -(-num_samples * new // orig)
 
 
+def input_window(start: int, stop: int, num_samples: int, orig_rate: int, new_rate: int) -> tuple[int, int]:
+    """The input samples ``[a, b)`` that output samples ``[start, stop)`` depend on (clamped to the signal)."""
+    if orig_rate == new_rate:
+        return start, stop
+    orig, new = reduced_rates(orig_rate, new_rate)
+    _, width = sinc_kernel(orig, new)
+    lo, hi = (start // new) * orig - width, -(-stop // new) * orig + width
+    return min(max(lo, 0), num_samples), min(max(hi, 0), num_samples)
+
+
 def resample_range(
     read: Callable[[int, int], torch.Tensor], num_samples: int, orig_rate: int, new_rate: int, start: int, stop: int
 ) -> torch.Tensor:
     """Output samples ``[start, stop)`` of resampling a ``num_samples``-long signal.
 
     Args:
-        read: ``read(a, b)`` returns input samples ``[C, b - a]`` for ``0 <= a <= b <= num_samples``.
+        read: ``read(a, b)`` returns input samples ``[C, b - a]``; it is called once, with the window
+            `input_window` gives.
         start, stop: output sample range, ``0 <= start <= stop <= resampled_length(...)``.
 
     Returns:
@@ -64,11 +75,10 @@ def resample_range(
         return read(start, stop).to(torch.float32)
     orig, new = reduced_rates(orig_rate, new_rate)
     kernel, width = sinc_kernel(orig, new)
-    first_block, end_block = start // new, -(-stop // new)
-    lo, hi = first_block * orig - width, end_block * orig + width
-    a, b = min(max(lo, 0), num_samples), min(max(hi, 0), num_samples)
-    chunk = read(a, b).to(torch.float32)
-    chunk = torch.nn.functional.pad(chunk, (a - lo, hi - b))  # zeros outside the signal
+    first_block = start // new
+    lo, hi = first_block * orig - width, -(-stop // new) * orig + width
+    a, b = input_window(start, stop, num_samples, orig_rate, new_rate)
+    chunk = torch.nn.functional.pad(read(a, b).to(torch.float32), (a - lo, hi - b))  # zeros outside the signal
     out = torch.nn.functional.conv1d(chunk[:, None], kernel, stride=orig)  # [C, new, blocks]
     out = out.transpose(1, 2).reshape(chunk.shape[0], -1)
     offset = start - first_block * new
