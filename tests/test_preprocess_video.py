@@ -44,6 +44,8 @@ def test_frame_choice_follows_sampler():
     # 156 frames at 24 fps (6.5 s): clip k starts at 1.125 k s; frames ceil(24 t0) .. ceil(24 t1) - 1.
     assert frame_indices(156, 24.0, VideoConfig()) == [[0, 47], [27, 74], [54, 101], [81, 128], [108, 155]]
     assert frame_indices(10, 10.0, VideoConfig()) == [[0, 9]] * 5  # 1 s video: every clip is the whole video
+    # 16 s at 0.25 fps: clips start at 0, 3.5, 7, 10.5, 14 s; the last would start past the end frame
+    assert frame_indices(4, 0.25, VideoConfig()) == [[0, 0], [1, 1], [2, 2], [3, 3], [3, 3]]
 
 
 def _write_video(path: Path, width: int, height: int, fps: int, frames: int) -> None:

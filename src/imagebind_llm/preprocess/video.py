@@ -49,9 +49,8 @@ def frame_indices(num_frames: int, fps: float, config: VideoConfig) -> list[list
     """The frame ordinals kept for each clip: ``clips_per_video`` lists of ``frames_per_clip`` indices."""
     out = []
     for start, end in clip_times(num_frames / fps, config.clip_duration, config.clips_per_video):
-        first, stop = math.ceil(fps * start), min(math.ceil(fps * end), num_frames)
-        if stop <= first:  # cannot happen for num_frames >= 1; kept as an invariant check
-            raise AssertionError(f"empty clip [{first}, {stop}) of {num_frames} frames")
+        first = min(math.ceil(fps * start), num_frames - 1)
+        stop = max(min(math.ceil(fps * end), num_frames), first + 1)  # below 0.5 fps a clip may hold no frame
         picks = torch.linspace(0, stop - first - 1, config.frames_per_clip).long() + first
         out.append(picks.tolist())
     return out
