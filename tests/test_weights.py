@@ -174,12 +174,17 @@ def test_hf_matches_transformers(tmp_path, variant):
     with torch.no_grad():
         expected = theirs(TOKENS).logits
     torch.testing.assert_close(logits_of(ours), expected, atol=1e-4, rtol=1e-4)
-    # ... and our inverse converter reproduces transformers' own state dict.
+    # ... our inverse converter reproduces transformers' own state dict ...
     hf_state = to_hf_state_dict(dict(ours.state_dict()), config)
     for name, tensor in theirs.state_dict().items():
         if name == "lm_head.weight" and config.tie_embeddings:
             continue
         assert torch.equal(hf_state[name], tensor), name
+    # ... and a directory written by transformers itself (its own config.json spelling) loads to the same model.
+    theirs.save_pretrained(tmp_path / "saved")
+    resaved = load_llm_model(tmp_path / "saved")
+    assert same_model(resaved.config, config)
+    assert torch.equal(logits_of(resaved), logits_of(ours))
 
 
 def load_llm_model(path: Path) -> Transformer:

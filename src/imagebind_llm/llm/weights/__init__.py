@@ -99,6 +99,16 @@ def _meta_tokenizer(path: Path) -> BaseTokenizer:
                             "params.json")
 
 
+def _tokenizer_next_to(path: Path, kind: str | None) -> BaseTokenizer:
+    try:
+        return load_tokenizer(path.parent)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{path} embeds a {kind!r} tokenizer, which we do not rebuild from GGUF (only byte-level BPE); "
+            f"put the model's tokenizer.model or tokenizer.json next to it in {path.parent}"
+        ) from None
+
+
 def load_llm(path: str | Path | None = None, *, dtype: torch.dtype = torch.float32,
              device: torch.device | str = "cpu") -> LoadedLLM:
     """Load an LLM from `path` (any supported format) or the embedded default.
@@ -121,7 +131,7 @@ def load_llm(path: str | Path | None = None, *, dtype: torch.dtype = torch.float
         if metadata.get("tokenizer.ggml.model") == "gpt2":
             tokenizer: BaseTokenizer = HFTokenizer.from_gguf_metadata(metadata)
         else:  # e.g. a SentencePiece vocabulary: use the model's tokenizer file next to the GGUF
-            tokenizer = load_tokenizer(path.parent)
+            tokenizer = _tokenizer_next_to(path, metadata.get("tokenizer.ggml.model"))
     elif fmt == "hf":
         config, state = load_hf_state_dict(path, dtype=dtype, device=device)
         model, tokenizer = build_model(config, state, path), load_tokenizer(path)

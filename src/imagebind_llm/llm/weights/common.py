@@ -12,6 +12,7 @@ from ..config import LLMConfig
 from ..model import Transformer
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
+_FIX = "the weights and the config file do not belong together: use the config shipped with these weights"
 
 
 class WeightsFormatError(ValueError):
@@ -58,12 +59,11 @@ def check_shape(key: str, shape: tuple[int, ...], expected: Mapping[str, tuple[i
     if key not in expected:
         raise CheckpointMismatchError(
             f"{source}: tensor {key!r} is not part of a model with this configuration "
-            f"({_describe(expected)}); the weights and the config file do not belong together"
+            f"({_describe(expected)}); {_FIX}"
         )
     if tuple(shape) != expected[key]:
         raise CheckpointMismatchError(
-            f"{source}: tensor {key!r} has shape {list(shape)} but the config expects {list(expected[key])}; "
-            "the weights and the config file do not belong together"
+            f"{source}: tensor {key!r} has shape {list(shape)} but the config expects {list(expected[key])}; {_FIX}"
         )
 
 
