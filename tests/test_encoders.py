@@ -59,7 +59,8 @@ def test_all_modalities_in_one_call(small, io):
         torch.testing.assert_close(out[c], io["outputs"][c], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("with_point,manifest", [(False, "imagebind_huge_keys.json"), (True, "imagebind_w3D_keys.json")])
+@pytest.mark.parametrize("with_point,manifest",
+                         [(False, "imagebind_huge_keys.json"), (True, "imagebind_w3D_keys.json")])
 def test_huge_keys_and_shapes_match_manifest(with_point, manifest):
     with torch.device("meta"):
         model = ImageBind(ImageBindConfig.huge(with_point=with_point))

@@ -121,7 +121,8 @@ def from_official(state: Mapping[str, torch.Tensor], model: nn.Module, *, strict
     if strict and missing:
         problems.append(f"missing keys ({len(missing)}): {_abbrev(missing)}")
     if strict and unexpected:
-        hint = " (a point branch: build with with_point=True)" if any(k.startswith("point_trunk.") for k in unexpected) else ""
+        point = any(k.startswith("point_trunk.") for k in unexpected)
+        hint = " (a point branch: build with with_point=True)" if point else ""
         problems.append(f"unexpected keys ({len(unexpected)}){hint}: {_abbrev(unexpected)}")
     if mismatched:
         problems.append(f"shape mismatches ({len(mismatched)}): {_abbrev(mismatched)}")
