@@ -158,3 +158,30 @@ def test_torchrun_env_ranks_build_then_rank0_merges(tmp_path, monkeypatch):
     cache = build_cache(tmp_path / "c", images=SOURCES, encode_images=fake_encoder(), **OPTS)
     single = fake_encoder()(SOURCES)
     np.testing.assert_allclose(cache.index.reconstruct_n(0, 250), single, atol=0)
+
+
+def test_cli_builds_from_images_with_imagebind_and_queries_by_image(tmp_path, capsys):
+    """`cache build --images` with the official small ImageBind fixture: the cached vectors are the
+    official vision embeddings of the media files (`media_embeddings_small.pt`)."""
+    import torch
+
+    fixtures = Path(__file__).parent / "fixtures"
+    kwargs = json.loads((fixtures / "imagebind" / "imagebind_small.json").read_text())["ImageBindModel_kwargs"]
+    config = tmp_path / "imagebind_small.json"
+    config.write_text(json.dumps(kwargs))
+    media = fixtures / "media"
+    listing = tmp_path / "images.txt"
+    listing.write_text("\n".join(str(media / n) for n in ("girl.jpg", "dog_image.jpg", "car_image.jpg", "bird_image.jpg")))
+    common = ["--imagebind", str(fixtures / "imagebind" / "imagebind_small.pth"), "--config", str(config)]
+    assert run_cli("cache", "build", "--images", str(listing), "--out", str(tmp_path / "c"), "--shard-size", "3",
+                   "--batch-size", "2", "--no-progress", *common) == 0
+    cache = FeatureCache.load(tmp_path / "c")
+    assert (cache.meta.encoder, len(cache), cache.dim) == ("imagebind_small", 4, 32)
+    official = torch.load(fixtures / "imagebind" / "media_embeddings_small.pt", weights_only=True)
+    by_name = dict(zip(official["files"]["vision"], official["embeddings"]["vision"].numpy()))
+    want = np.stack([by_name[Path(s).name] for s in cache.sources])
+    np.testing.assert_allclose(cache.index.reconstruct_n(0, 4), want, atol=1e-4)
+    capsys.readouterr()
+    assert run_cli("cache", "query", str(tmp_path / "c"), "--image", str(media / "car_image.jpg"), "-k", "2", *common) == 0
+    first_hit = capsys.readouterr().out.splitlines()[1]
+    assert first_hit.endswith("car_image.jpg") and "sim 1.0000" in first_hit
