@@ -1,0 +1,104 @@
+"""Official ImageBind-LLM adapter checkpoints (`7B.pth`, `7B-pretrained.pth`, `7B-beta.pth`) <-> our names.
+
+The released adapter files are ``{'model': state_dict}`` holding the bind network, the prefix, the
+gates and (after stage 2) the decoder's norms, biases and LoRA weights, with these official names:
+
+    image_bind_proj.{weight,bias}              <-> bind.proj.{weight,bias}
+    image_bind_norm_{k}.{weight,bias}          <-> bind.blocks.{k-1}.norm.{weight,bias}
+    image_bind_f{1,2,3}_{k}.{weight,bias}      <-> bind.blocks.{k-1}.w{1,2,3}.{weight,bias}
+    prefix_query.weight          [L, D]        <-> prefix
+    llama.layers.{i}.attention.gate [1,H,1,1]  <-> gates.{j}   [H]   (j-th injected layer, i = first + j)
+    llama.layers.{i}.attention.lora_w{q,k,v,o}_l{1,2}.weight  <-> llm.layers.{i}.attention.w{q,k,v,o}.lora_{a,b}.weight
+    llama.layers.{i}.feed_forward.lora_w{1,2,3}_l{1,2}.weight <-> llm.layers.{i}.feed_forward.w{1,2,3}.lora_{a,b}.weight
+    llama.<anything else>                      <-> llm.<same>   (norms, biases, base weights)
+
+Official key names live only in this module.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+_BIND_RULES = [
+    (re.compile(r"^image_bind_proj\.(weight|bias)$"), lambda m: f"bind.proj.{m[1]}"),
+    (re.compile(r"^image_bind_norm_(\d+)\.(weight|bias)$"), lambda m: f"bind.blocks.{int(m[1]) - 1}.norm.{m[2]}"),
+    (re.compile(r"^image_bind_f([123])_(\d+)\.(weight|bias)$"),
+     lambda m: f"bind.blocks.{int(m[2]) - 1}.w{m[1]}.{m[3]}"),
+]
+_LORA_OFFICIAL = re.compile(r"^llama\.layers\.(\d+)\.(attention|feed_forward)\.lora_(w[qkvo123])_l([12])\.weight$")
+_LORA_OURS = re.compile(r"^llm\.layers\.(\d+)\.(attention|feed_forward)\.(w[qkvo123])\.lora_([ab])\.weight$")
+_GATE_OFFICIAL = re.compile(r"^llama\.layers\.(\d+)\.attention\.gate$")
+_GATE_OURS = re.compile(r"^gates\.(\d+)$")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint whose keys or shapes do not match the model it is loaded into."""
+
+
+def official_to_ours(name: str, first_injected_layer: int) -> str:
+    """Map one official ImageBind-LLM parameter name to ours (see module docstring)."""
+    for pattern, rename in _BIND_RULES:
+        if m := pattern.match(name):
+            return rename(m)
+    if name == "prefix_query.weight":
+        return "prefix"
+    if m := _GATE_OFFICIAL.match(name):
+        return f"gates.{int(m[1]) - first_injected_layer}"
+    if m := _LORA_OFFICIAL.match(name):
+        return f"llm.layers.{m[1]}.{m[2]}.{m[3]}.lora_{'a' if m[4] == '1' else 'b'}.weight"
+    if name.startswith("llama."):
+        return "llm." + name[len("llama."):]
+    if name.startswith("image_bind."):
+        return "encoder." + name[len("image_bind."):]
+    raise CheckpointMismatchError(f"unknown ImageBind-LLM checkpoint key {name!r}")
+
+
+def ours_to_official(name: str, first_injected_layer: int) -> str:
+    """Inverse of `official_to_ours`."""
+    if m := re.match(r"^bind\.proj\.(weight|bias)$", name):
+        return f"image_bind_proj.{m[1]}"
+    if m := re.match(r"^bind\.blocks\.(\d+)\.norm\.(weight|bias)$", name):
+        return f"image_bind_norm_{int(m[1]) + 1}.{m[2]}"
+    if m := re.match(r"^bind\.blocks\.(\d+)\.w([123])\.(weight|bias)$", name):
+        return f"image_bind_f{m[2]}_{int(m[1]) + 1}.{m[3]}"
+    if name == "prefix":
+        return "prefix_query.weight"
+    if m := _GATE_OURS.match(name):
+        return f"llama.layers.{int(m[1]) + first_injected_layer}.attention.gate"
+    if m := _LORA_OURS.match(name):
+        return f"llama.layers.{m[1]}.{m[2]}.lora_{m[3]}_l{'1' if m[4] == 'a' else '2'}.weight"
+    if name.startswith("llm."):
+        return "llama." + name[len("llm."):]
+    if name.startswith("encoder."):
+        return "image_bind." + name[len("encoder."):]
+    raise CheckpointMismatchError(f"parameter {name!r} has no official ImageBind-LLM name")
+
+
+def gate_to_official(gate: torch.Tensor) -> torch.Tensor:
+    """``[H]`` -> ``[1, H, 1, 1]`` (the official per-head gate shape)."""
+    return gate.reshape(1, -1, 1, 1)
+
+
+def read_adapter_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read an official adapter file ``{'model': state_dict}`` (or a bare state dict) safely."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter checkpoint {path} does not exist; download it with "
+                                f"`imagebind-llm weights fetch 7B` or pass the path of a local copy")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # torch raises many types for corrupt files
+        raise CheckpointMismatchError(f"cannot read adapter checkpoint {path}: {exc}") from exc
+    state = obj.get("model", obj) if isinstance(obj, Mapping) else None
+    if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
+        raise CheckpointMismatchError(f"{path} is not an ImageBind-LLM adapter file: expected {{'model': state_dict}}")
+    return dict(state)
+
+
+def is_legacy_bind(official_state: Mapping[str, torch.Tensor]) -> bool:
+    """True for the LayerNorm + bias bind network of the released ``7B-beta.pth``."""
+    return "image_bind_norm_1.bias" in official_state or "image_bind_f1_1.bias" in official_state
