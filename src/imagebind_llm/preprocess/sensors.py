@@ -5,9 +5,10 @@ Depth -> ``[N, 1, 224, 224]`` *disparity* (ImageBind's depth encoder was trained
 Omnivore): by default the input is metric **depth** and is converted with
 ``disparity = baseline * focal / depth_m`` (depth clipped to ``[min_depth, max_depth]`` metres first).
 Integer maps (16-bit PNG, integer ``.npy``) are taken as millimetres, float maps as metres, unless
-``depth_scale`` says otherwise. Pass ``kind="disparity"`` for maps that already hold disparity (used
-as-is, as float). The map is then resized (short side 224, bilinear with antialias) and centre-cropped;
-no mean/std normalisation unless configured.
+``depth_scale`` says otherwise; missing depth (0) is clipped to ``min_depth`` like any near value.
+Pass ``kind="disparity"`` for maps that already hold disparity (used as-is, as float). The map is then
+resized (short side 224, bilinear with antialias) and centre-cropped; no mean/std normalisation unless
+configured.
 
 Thermal -> ``[N, 1, 224, 224]`` in [0, 1]: grayscale, short side 224 with PIL bicubic, centre crop 224,
 /255, **no** mean/std normalisation (the LLVIP recipe; users report better accuracy without it).
@@ -96,15 +97,20 @@ def _read_array(source: Any, index: int, image_ok: bool) -> tuple[str, np.ndarra
         raise MediaError(name, f"cannot read data ({type(e).__name__}: {e})") from None
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _parse_csv(data: bytes) -> np.ndarray:
     """Numeric rows of a comma/semicolon/whitespace separated table; a non-numeric first line is a header."""
     lines = [ln for ln in data.decode("utf-8").splitlines() if ln.strip()]
     rows = [ln.replace(";", ",").replace(",", " ").split() for ln in lines]
-    if rows:
-        try:
-            [float(v) for v in rows[0]]
-        except ValueError:
-            rows = rows[1:]
+    if rows and not all(_is_number(v) for v in rows[0]):
+        rows = rows[1:]
     return np.asarray([[float(v) for v in row] for row in rows], dtype=np.float64)
 
 
