@@ -99,9 +99,10 @@ def median_ms(fns: list[Callable[[np.ndarray], object]], queries: np.ndarray, ba
     return [1000 * statistics.median(t) for t in times]
 
 
-def build(name: str, dim: int, n: int, rows: Callable[[int, int], np.ndarray]) -> tuple[FeatureCache, float]:
-    factory = {"flat": "Flat", "ivf": f"IVF{index_lib.default_nlist(n)},Flat",
-               "ivf-sq8": f"IVF{index_lib.default_nlist(n)},SQ8"}[name]
+def build(name: str, dim: int, n: int, rows: Callable[[int, int], np.ndarray], nlist: int | None
+          ) -> tuple[FeatureCache, float]:
+    nlist = nlist or index_lib.default_nlist(n)
+    factory = {"flat": "Flat", "ivf": f"IVF{nlist},Flat", "ivf-sq8": f"IVF{nlist},SQ8"}[name]
 
     def chunks() -> Iterator[np.ndarray]:
         for start in range(0, n, CHUNK):
@@ -125,7 +126,7 @@ def bench_size(n: int, args: argparse.Namespace) -> list[dict]:
     results, truth = [], None
     for name in args.indexes:
         set_threads(ALL_THREADS)
-        cache, build_s = build(name, args.dim, n, rows)
+        cache, build_s = build(name, args.dim, n, rows, args.nlist)
         set_threads(args.threads)
         if name == "flat":
             truth = cache.search(queries, TOP_K)[1]
@@ -163,6 +164,7 @@ def main() -> None:
     parser.add_argument("--data", choices=["clustered", "uniform"], default="clustered")
     parser.add_argument("--spread", type=float, default=1.0, help="noise norm around the cluster centres")
     parser.add_argument("--indexes", default="flat,ivf,ivf-sq8", help="subset of flat,ivf,ivf-sq8 (flat first)")
+    parser.add_argument("--nlist", type=int, help="IVF lists (default: about 4*sqrt(n), see cache.index.default_nlist)")
     parser.add_argument("--nprobe", default="16,32,64", help="comma-separated IVF nprobe values (one row each)")
     parser.add_argument("--threads", type=int, default=1,
                         help="FAISS/torch threads for the timed queries (builds use all cores); 1 avoids OpenMP "

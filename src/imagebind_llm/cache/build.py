@@ -35,6 +35,7 @@ from imagebind_llm.cache.feature_cache import (
     new_meta,
     resolve_keep_vectors,
     sha256_file,
+    write_npy,
 )
 
 log = logging.getLogger(__name__)
@@ -233,12 +234,15 @@ def build_from_shards(
         check_unit_norm(a[:4096], f"features in {p}")
     factory = factory or index_lib.choose_factory(n, dim, storage=storage, memory_budget=memory_budget)
     t0 = time.perf_counter()
-    index = index_lib.build_index(dim, factory, lambda: iter(arrays), n)
+    index = index_lib.build_index(dim, factory, lambda: index_lib.row_chunks(arrays), n)
     log.info("built %s over %d vectors in %.1f s", factory, n, time.perf_counter() - t0)
     keep = resolve_keep_vectors(keep_vectors, factory)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    vectors = _write_vectors(out / VECTORS_FILE, arrays, keep) if keep else None
+    vectors = None
+    if keep:
+        write_npy(out / VECTORS_FILE, arrays, keep)
+        vectors = np.load(out / VECTORS_FILE, mmap_mode="r")
     meta = new_meta(index, factory, encoder, nprobe=nprobe, vectors_dtype=keep, defaults=defaults,
                     extra={"shards": [Path(p).name for p in shards]})
     FeatureCache(index, meta, vectors=vectors, sources=sources, use_gpu=False).save(out)
@@ -256,18 +260,6 @@ def _open_shard(path: str | Path) -> np.ndarray:
     if a.ndim != 2 or a.dtype not in (np.float32, np.float16):
         raise ValueError(f"{path}: expected a [n, D] float32/float16 array, got {a.dtype} {a.shape}")
     return a
-
-
-def _write_vectors(path: Path, arrays: Sequence[np.ndarray], dtype: str) -> np.ndarray:
-    n, dim = sum(len(a) for a in arrays), arrays[0].shape[1]
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n, dim))
-    start = 0
-    for a in arrays:
-        out[start : start + len(a)] = a
-        start += len(a)
-    out.flush()
-    del out
-    return np.load(path, mmap_mode="r")
 
 
 def build_from_images(

@@ -196,7 +196,7 @@ class FeatureCache:
         check_unit_norm(vectors[: 1 << 16], "vectors")
         n, dim = vectors.shape
         factory = factory or index_lib.choose_factory(n, dim, storage=storage, memory_budget=memory_budget)
-        index = index_lib.build_index(dim, factory, lambda: _row_chunks(vectors), n)
+        index = index_lib.build_index(dim, factory, lambda: index_lib.row_chunks([vectors]), n)
         keep = resolve_keep_vectors(keep_vectors, factory)
         meta = new_meta(index, factory, encoder, nprobe=nprobe, vectors_dtype=keep, defaults=defaults)
         kept = vectors.astype(keep) if keep else None
@@ -244,7 +244,7 @@ class FeatureCache:
         if self.vectors is not None:
             files[VECTORS_FILE] = path / VECTORS_FILE
             if not _backed_by(self.vectors, files[VECTORS_FILE]):  # builders write it there directly
-                _save_npy_chunked(files[VECTORS_FILE], self.vectors)
+                write_npy(files[VECTORS_FILE], [self.vectors], self.vectors.dtype)
         if self.sources is not None:
             files[SOURCES_FILE] = path / SOURCES_FILE
             files[SOURCES_FILE].write_text(json.dumps(self.sources))
@@ -519,16 +519,14 @@ def _describe_factory(index: faiss.Index) -> str:
     return name if ivf is None else f"IVF{ivf.nlist},{name}"
 
 
-def _row_chunks(x: np.ndarray, rows: int = 65536):
-    for start in range(0, len(x), rows):
-        yield x[start : start + rows]
-
-
-def _save_npy_chunked(path: Path, x: np.ndarray) -> None:
-    """``np.save`` that copies a (possibly memory-mapped) array in chunks, never all at once."""
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=x.dtype, shape=x.shape)
-    for start in range(0, len(x), 65536):
-        out[start : start + 65536] = x[start : start + 65536]
+def write_npy(path: Path, arrays: Sequence[np.ndarray], dtype: str | np.dtype) -> None:
+    """Write the row-concatenation of ``arrays`` (e.g. memmaps) to one ``.npy`` file in bounded chunks."""
+    n, dim = sum(len(a) for a in arrays), arrays[0].shape[1]
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n, dim))
+    start = 0
+    for chunk in index_lib.row_chunks(arrays):
+        out[start : start + len(chunk)] = chunk
+        start += len(chunk)
     out.flush()
     del out
 

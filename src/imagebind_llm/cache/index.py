@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import faiss
@@ -139,6 +139,13 @@ def ensure_direct_map(index: faiss.Index) -> faiss.Index:
     if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:
         ivf.make_direct_map()
     return index
+
+
+def row_chunks(arrays: Iterable[np.ndarray], rows: int = 65536) -> Iterator[np.ndarray]:
+    """The rows of ``arrays`` in order, in slices of at most ``rows`` (bounded float32 copies)."""
+    for a in arrays:
+        for start in range(0, len(a), rows):
+            yield a[start : start + rows]
 
 
 def _take_rows(chunks: Iterable[np.ndarray], rows: np.ndarray, dim: int) -> np.ndarray:
