@@ -24,7 +24,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from .errors import MediaError, as_list, is_source, open_source, source_name, source_suffix
+from .errors import MediaError, as_list, open_source, source_name, source_suffix
 from .fbank import kaldi_fbank
 from .resample import input_window, resample_range, resampled_length
 
@@ -48,7 +48,10 @@ class AudioConfig:
 
 
 def clip_times(duration: float, clip_duration: float, num_clips: int) -> list[tuple[Fraction, Fraction]]:
-    """Start/end seconds of ``num_clips`` evenly spaced clips; the last ends at ``duration`` (or all are ``[0, clip]``)."""
+    """Start/end seconds of ``num_clips`` evenly spaced clips.
+
+    The last clip ends at ``duration``; if ``duration <= clip_duration`` every clip is ``[0, clip_duration]``.
+    """
     max_start = Fraction(max(duration - clip_duration, 0))
     step = max_start / max(num_clips - 1, 1)
     return [(step * k, step * k + Fraction(clip_duration)) for k in range(num_clips)]
@@ -136,7 +139,9 @@ def _open_reader(f: Any, suffix: str, name: str) -> _AudioReader:
         return _PyAVReader(f, name)
     except (av.error.FFmpegError, ValueError, EOFError) as e:
         problems.append(f"FFmpeg: {e}")
-    raise MediaError(name, f"cannot decode audio ({'; '.join(problems)}); expected wav/flac/ogg/mp3 or a container with an audio track")
+    raise MediaError(
+        name, f"cannot decode audio ({'; '.join(problems)}); expected wav/flac/ogg/mp3 or a file with an audio track"
+    )
 
 
 def _merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -174,8 +179,6 @@ def _clip_features(clip: torch.Tensor, config: AudioConfig) -> torch.Tensor:
 def _decode_clips(source: Any, index: int, config: AudioConfig) -> torch.Tensor:
     """One file -> ``[clips, 1, mel, target_length]``."""
     name = source_name(source, index)
-    if not is_source(source):
-        raise MediaError(name, f"unsupported input type {type(source).__name__}; pass a path, bytes or a binary file object")
     with open_source(source, index) as f:
         reader = _open_reader(f, source_suffix(source), name)
         if reader.num_samples == 0 or reader.sample_rate <= 0:

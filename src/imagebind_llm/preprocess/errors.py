@@ -46,6 +46,11 @@ def source_suffix(source: Any) -> str:
     return Path(name).suffix.lower() if isinstance(name, str) else ""
 
 
+def unsupported_type(source: Any, index: int, accepted: str = "a path, bytes or a binary file object") -> MediaError:
+    """The error for an input of a type the loader does not take."""
+    return MediaError(source_name(source, index), f"unsupported input type {type(source).__name__}; pass {accepted}")
+
+
 def is_source(obj: Any) -> bool:
     """Whether ``obj`` is a path, a bytes-like object or a binary file object."""
     return isinstance(obj, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(obj, "read")
@@ -81,7 +86,7 @@ def open_source(source: Source, index: int) -> Iterator[BinaryIO]:
         source.seek(start)
         yield source
     else:
-        raise MediaError(name, f"unsupported input type {type(source).__name__}; pass a path, bytes or a binary file object")
+        raise unsupported_type(source, index)
 
 
 def read_source(source: Source, index: int) -> bytes:

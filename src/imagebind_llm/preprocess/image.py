@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .errors import MediaError, as_list, is_source, open_source, source_name
+from .errors import MediaError, as_list, is_source, open_source, source_name, unsupported_type
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -47,10 +47,11 @@ def open_image(source: Any, index: int = 0, mode: str | None = "RGB") -> Image.I
             image = Image.fromarray(source)
             return image if mode is None else image.convert(mode)
         except (TypeError, ValueError) as e:
-            raise MediaError(f"<array #{index}>", f"cannot interpret array of shape {source.shape} and dtype {source.dtype} as an image: {e}") from None
+            problem = f"cannot interpret an array of shape {source.shape} and dtype {source.dtype} as an image: {e}"
+            raise MediaError(f"<array #{index}>", problem) from None
     name = source_name(source, index)
     if not is_source(source):
-        raise MediaError(name, f"unsupported input type {type(source).__name__}; pass a path, bytes, file object, PIL image or array")
+        raise unsupported_type(source, index, "a path, bytes, a binary file object, a PIL image or a uint8 array")
     with open_source(source, index) as f:
         try:
             image = Image.open(f)
@@ -135,7 +136,9 @@ def random_resized_crop_box(
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def train_transform(image: Any, generator: torch.Generator | None = None, config: ImageConfig = ImageConfig()) -> torch.Tensor:
+def train_transform(
+    image: Any, generator: torch.Generator | None = None, config: ImageConfig = ImageConfig()
+) -> torch.Tensor:
     """ImageBind-LLM's training augmentation: random resized crop (bicubic), no flip, CLIP normalisation.
 
     Args:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from plyfile import PlyData
 
-from .errors import MediaError, as_list, is_source, read_source, source_name, source_suffix
+from .errors import MediaError, as_list, is_source, read_source, source_name, source_suffix, unsupported_type
 
 POINT_SUFFIXES = (".npy", ".pt", ".ply", ".pcd", ".xyz", ".pts", ".obj")
 _PCD_NUMPY_TYPES = {("F", 4): "f4", ("F", 8): "f8", ("I", 1): "i1", ("I", 2): "i2", ("I", 4): "i4", ("I", 8): "i8",
@@ -76,7 +76,8 @@ def _parse_pcd(data: bytes) -> np.ndarray:
         columns = np.cumsum([0, *counts])
         return np.stack([table[:, columns[fields.index(a)]] for a in "xyz"], axis=1)
     if kind == "binary":
-        dtype = np.dtype([(f"{n}_{i}", _PCD_NUMPY_TYPES[(t.upper(), s)], (c,)) for i, (n, s, t, c) in enumerate(zip(fields, sizes, types, counts))])
+        columns = enumerate(zip(fields, sizes, types, counts))
+        dtype = np.dtype([(f"{n}_{i}", _PCD_NUMPY_TYPES[(t.upper(), s)], (c,)) for i, (n, s, t, c) in columns])
         if len(data) - pos < num_points * dtype.itemsize:
             raise ValueError(f"PCD binary data is truncated ({len(data) - pos} bytes for {num_points} points)")
         table = np.frombuffer(data, dtype=dtype, count=num_points, offset=pos)
@@ -163,7 +164,7 @@ def _to_points(source: Any, index: int) -> tuple[str, np.ndarray]:
         return f"<array #{index}>", source
     name = source_name(source, index)
     if not is_source(source):
-        raise MediaError(name, f"unsupported input type {type(source).__name__}; pass a path, bytes, file object, array or tensor")
+        raise unsupported_type(source, index, "a path, bytes, a binary file object, an array or a tensor")
     suffix = source_suffix(source)
     if suffix and suffix not in POINT_SUFFIXES:
         raise MediaError(name, f"unknown point-cloud extension {suffix!r}; expected one of {', '.join(POINT_SUFFIXES)}")

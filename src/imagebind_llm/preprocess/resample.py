@@ -88,4 +88,5 @@ def resample_range(
 def resample(waveform: torch.Tensor, orig_rate: int, new_rate: int) -> torch.Tensor:
     """Resample a whole ``[C, T]`` waveform -> ``[C, ceil(T * new / orig)]``."""
     n = waveform.shape[-1]
-    return resample_range(lambda a, b: waveform[:, a:b], n, orig_rate, new_rate, 0, resampled_length(n, orig_rate, new_rate))
+    stop = resampled_length(n, orig_rate, new_rate)
+    return resample_range(lambda a, b: waveform[:, a:b], n, orig_rate, new_rate, 0, stop)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import MediaError, as_list, is_source, read_source, source_name, source_suffix
+from .errors import MediaError, as_list, is_source, read_source, source_name, source_suffix, unsupported_type
 from .image import center_crop, open_image, resize_short_side
 
 
@@ -82,7 +82,7 @@ def _read_array(source: Any, index: int, image_ok: bool) -> tuple[str, np.ndarra
         return f"<image #{index}>", np.asarray(source)
     name = source_name(source, index)
     if not is_source(source):
-        raise MediaError(name, f"unsupported input type {type(source).__name__}; pass a path, bytes, file object, array or tensor")
+        raise unsupported_type(source, index, "a path, bytes, a binary file object, an array or a tensor")
     data = read_source(source, index)
     suffix = source_suffix(source)
     try:
@@ -118,7 +118,9 @@ def _resize_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     """``[1, H, W]`` float -> short side ``size`` (bilinear, antialias) -> centre crop ``[1, size, size]``."""
     h, w = x.shape[-2:]
     new_h, new_w = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
-    x = torch.nn.functional.interpolate(x[None], size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)[0]
+    x = torch.nn.functional.interpolate(
+        x[None], size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True
+    )[0]
     top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
     return x[..., top : top + size, left : left + size]
 
@@ -209,7 +211,8 @@ def _imu_series(array: np.ndarray, name: str, channels: int) -> torch.Tensor:
     elif array.ndim == 2 and array.shape[0] == channels:
         series = array
     else:
-        raise MediaError(name, f"expected IMU data [T, {channels}] or [{channels}, T] (acc xyz, gyro xyz), got {list(array.shape)}")
+        expected = f"[T, {channels}] or [{channels}, T] (acc xyz, gyro xyz)"
+        raise MediaError(name, f"expected IMU data {expected}, got {list(array.shape)}")
     if series.shape[1] < 2:
         raise MediaError(name, f"IMU series has {series.shape[1]} time step(s); need at least 2")
     if not np.isfinite(series.astype(np.float64)).all():
@@ -231,5 +234,6 @@ def load_imu(sources: Any, config: IMUConfig = IMUConfig()) -> torch.Tensor:
     for i, source in enumerate([sources] if isinstance(sources, (np.ndarray, torch.Tensor)) else as_list(sources)):
         name, array = _read_array(source, i, image_ok=False)
         series = _imu_series(np.asarray(array), name, config.channels)
-        out.append(torch.nn.functional.interpolate(series[None], size=config.num_steps, mode="linear", align_corners=True)[0])
+        resampled = torch.nn.functional.interpolate(series[None], config.num_steps, mode="linear", align_corners=True)
+        out.append(resampled[0])
     return torch.stack(out)

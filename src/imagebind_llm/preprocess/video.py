@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .audio import clip_times
-from .errors import MediaError, as_list, is_source, open_source, source_name
+from .errors import MediaError, as_list, open_source, source_name
 from .image import CLIP_MEAN, CLIP_STD
 
 
@@ -109,8 +109,6 @@ def _seeking_frames(container: Any, stream: Any, wanted: list[int], fps: float) 
 def decode_frames(source: Any, index: int, config: VideoConfig) -> list[np.ndarray]:
     """Decode the kept frames of one video: ``clips * frames_per_clip`` RGB uint8 arrays ``[H, W, 3]``."""
     name = source_name(source, index)
-    if not is_source(source):
-        raise MediaError(name, f"unsupported input type {type(source).__name__}; pass a path, bytes or a binary file object")
     with open_source(source, index) as f:
         try:
             with av.open(f, mode="r") as container:
@@ -125,7 +123,8 @@ def decode_frames(source: Any, index: int, config: VideoConfig) -> list[np.ndarr
         except MediaError:
             raise
         except (av.error.FFmpegError, ValueError, EOFError, StopIteration) as e:
-            raise MediaError(name, f"cannot decode video ({e}); is the file complete and a supported format (mp4, webm, mkv, avi, ...)?") from None
+            problem = f"cannot decode video ({e}); is the file complete and in a format FFmpeg reads (mp4, webm, ...)?"
+            raise MediaError(name, problem) from None
     missing = [i for i in wanted if i not in decoded]
     if missing:
         raise MediaError(name, f"frames {missing} of {num_frames} could not be decoded (truncated or corrupt file?)")
