@@ -19,6 +19,7 @@ SP_MODEL = FIXTURES / "adapter" / "llama" / "tokenizer.model"
 TEXTS = [
     "Hello world",
     "The year 2024 had 365 days; pi is 3.14159 and 1,000,000 > 999.",
+    "ids 12345 and 1234567, x1234",
     "  leading  and trailing   ",
     "a\n\nb\r\n\tc \n  \n",
     "你好，世界！这是中文。日本語もある",
@@ -79,14 +80,31 @@ def test_gguf_tokenizer_special_ids(smol_pair):
     assert ours.chat_template.startswith("{% for message in messages %}")
 
 
+def small_vocabulary(metadata: dict, size: int = 3000) -> tuple[list[str], list[int], list[str]]:
+    """The first `size` tokens of SmolLM2 with the merges among them, plus merges across digits, newlines and
+    spaces (which SmolLM2 lacks), so that pre-tokenizers that split text differently give different ids."""
+    tokens = list(metadata["tokenizer.ggml.tokens"][:size])
+    types = list(metadata["tokenizer.ggml.token_type"][:size])
+    known = set(tokens)
+    merges = [m for m in metadata["tokenizer.ggml.merges"] if all(p in known for p in (*m.split(" "), m.replace(" ", "")))]
+    for left, right in [("1", "2"), ("12", "3"), ("Ġ", "1"), ("Ċ", "Ċ"), ("Ġ", "Ġ"), ("ĠĠ", "Ġ"), ("ĊĊ", "Ġ"), ("'", "s")]:
+        if left + right not in known:
+            tokens.append(left + right)
+            types.append(1)
+            known.add(left + right)
+        merges.append(f"{left} {right}")
+    return tokens, types, merges
+
+
 def write_tokenizer_gguf(path: Path, metadata: dict, pre: str) -> None:
-    """A GGUF holding only a tokenizer: SmolLM2's vocabulary with another pre-tokenizer type."""
+    """A GGUF holding only a tokenizer: a small byte-level vocabulary with the given pre-tokenizer type."""
+    tokens, types, merges = small_vocabulary(metadata)
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
-    writer.add_token_list(metadata["tokenizer.ggml.tokens"])
-    writer.add_token_types(metadata["tokenizer.ggml.token_type"])
-    writer.add_token_merges(metadata["tokenizer.ggml.merges"])
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.write_header_to_file()
@@ -95,20 +113,27 @@ def write_tokenizer_gguf(path: Path, metadata: dict, pre: str) -> None:
     writer.close()
 
 
-@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2"])
-def test_gguf_pre_tokenizer_types_match_transformers(smol_metadata, tmp_path, pre):
-    path = tmp_path / f"tok-{pre}.gguf"
-    write_tokenizer_gguf(path, smol_metadata, pre)
-    ours = HFTokenizer.from_gguf_metadata(tokenizer_metadata(path))
-    theirs = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
-    for text in TEXTS:
-        assert ours.encode(text) == theirs.encode(text, add_special_tokens=False), (pre, text)
+def test_gguf_pre_tokenizer_types_match_transformers(smol_metadata, tmp_path):
+    ids = {}
+    for pre in ["llama-bpe", "qwen2", "gpt2", "smollm"]:
+        path = tmp_path / f"tok-{pre}.gguf"
+        write_tokenizer_gguf(path, smol_metadata, pre)
+        ours = HFTokenizer.from_gguf_metadata(tokenizer_metadata(path))
+        ids[pre] = [ours.encode(text) for text in TEXTS]
+        if pre == "smollm":  # transformers splits smollm text like gpt2; SmolLM2's own tokenizer.json splits digits
+            assert ours.encode("x 1234") == [ours.token_to_id(t) for t in ["x", "Ġ", "1", "2", "3", "4"]]
+            continue
+        theirs = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+        assert ids[pre] == [theirs.encode(text, add_special_tokens=False) for text in TEXTS], pre
+    assert len({str(v) for v in ids.values()}) == 4  # the vocabulary tells the four pre-tokenizers apart
 
 
 def test_gguf_unsupported_tokenizer_is_a_clear_error(smol_metadata):
     with pytest.raises(ValueError, match="pre-tokenizer 'mystery'"):
         HFTokenizer.from_gguf_metadata({**smol_metadata, "tokenizer.ggml.pre": "mystery"})
-    with pytest.raises(ValueError, match="tokenizer type 'llama'"):
+    with pytest.raises(ValueError, match="tokenizer type 't5'"):
+        HFTokenizer.from_gguf_metadata({**smol_metadata, "tokenizer.ggml.model": "t5"})
+    with pytest.raises(ValueError, match="lacks tokenizer.ggml.scores"):
         HFTokenizer.from_gguf_metadata({**smol_metadata, "tokenizer.ggml.model": "llama"})
 
 
@@ -171,3 +196,55 @@ def test_load_tokenizer_errors(tmp_path):
         load_tokenizer(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         SentencePieceTokenizer(tmp_path / "tokenizer.model")
+
+
+def write_sentencepiece_gguf(path: Path, sp: sentencepiece.SentencePieceProcessor) -> None:
+    """A GGUF holding the fixture's SentencePiece vocabulary the way llama.cpp stores LLaMA-1/2 vocabularies."""
+    def token_type(i: int) -> int:  # llama.cpp: 1 normal, 2 unknown, 3 control, 5 unused, 6 byte
+        if sp.is_unknown(i):
+            return 2
+        return 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 5 if sp.is_unused(i) else 1
+
+    n = sp.get_piece_size()
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([sp.id_to_piece(i) for i in range(n)])
+    writer.add_token_scores([sp.get_score(i) for i in range(n)])
+    writer.add_token_types([token_type(i) for i in range(n)])
+    writer.add_bos_token_id(sp.bos_id())
+    writer.add_eos_token_id(sp.eos_id())
+    writer.add_unk_token_id(sp.unk_id())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+# Texts the fixture's SentencePiece normaliser (NFKC, whitespace runs collapsed) leaves as they are: a GGUF
+# stores no normaliser, so only on these must the rebuilt vocabulary give sentencepiece's own ids.
+NORMALISED_TEXTS = ["Hello world", "the thing is interesting", "你好 😀", "def f(x): return x**2", "don't stop",
+                    "Ünïcödé façade — “quotes”", "emoji 👍🏽 family 👨‍👩‍👧"]
+
+
+@pytest.fixture(scope="module")
+def sp_gguf(tmp_path_factory, sp_pair):
+    folder = tmp_path_factory.mktemp("sp_gguf")
+    write_sentencepiece_gguf(folder / "sp.gguf", sp_pair[1])
+    return folder / "sp.gguf"
+
+
+def test_gguf_sentencepiece_vocabulary(sp_pair, sp_gguf):
+    ours_sp, sp = sp_pair
+    ours = HFTokenizer.from_gguf_metadata(tokenizer_metadata(sp_gguf))
+    assert (ours.bos_id, ours.eos_id, ours.add_bos, ours.vocab_size, ours.stop_ids) == (1, 2, True, 300, {2})
+    for text in NORMALISED_TEXTS:
+        assert ours.encode(text) == [1, *sp.encode(text)], text
+    theirs = AutoTokenizer.from_pretrained(str(sp_gguf.parent), gguf_file=sp_gguf.name)
+    for text in NORMALISED_TEXTS + ["x\ny", "ﬁ ligature", "tab\there"]:
+        assert ours.encode(text) == theirs.encode(text), text
+    # No normaliser: every text round-trips (byte fallback covers what the vocabulary lacks).
+    for text in TEXTS:
+        assert ours.decode(ours.encode(text, bos=False)) == text
+    # Special tokens in text: each text piece gets SentencePiece's leading "▁", as with tokenizer.model.
+    text = "<s>[INST] hi [/INST] ok</s><s>[INST] x [/INST]"
+    assert ours.encode(text, bos=False) == ours_sp.encode(text, bos=False)

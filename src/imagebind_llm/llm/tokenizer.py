@@ -5,8 +5,9 @@ Three sources are supported:
 * SentencePiece ``tokenizer.model`` files (LLaMA-1/2, the ImageBind-LLM base), through ``sentencepiece``;
 * Hugging Face ``tokenizer.json`` (+ ``tokenizer_config.json``/``generation_config.json``), through
   ``tokenizers``;
-* the byte-level BPE vocabulary embedded in GGUF files (``tokenizer.ggml.model == "gpt2"``), rebuilt as a
-  ``tokenizers`` BPE with the pre-tokenizer named by ``tokenizer.ggml.pre``.
+* the vocabularies embedded in GGUF files, rebuilt as ``tokenizers`` BPE models: byte-level BPE
+  (``tokenizer.ggml.model == "gpt2"``) with the pre-tokenizer named by ``tokenizer.ggml.pre``, and
+  SentencePiece BPE (``"llama"``, e.g. Llama-2 GGUFs) with merges recovered from the piece scores.
 
 Every tokenizer exposes ``encode(text, *, bos=None, eos=False)``, ``decode(ids)``, ``bos_id``,
 ``eos_id``, ``stop_ids`` (end-of-sequence plus end-of-turn tokens such as ``<|im_end|>``),
@@ -23,7 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +45,10 @@ _QWEN2_SPLIT = (
 )
 _GGUF_SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}
 _GGUF_PRE_TYPES = ("default", "gpt2", "smollm", *_GGUF_SPLITS)
+GGUF_TOKENIZER_TYPES = ("gpt2", "llama")  # `tokenizer.ggml.model` values we rebuild
 
 # GGUF `tokenizer.ggml.token_type` values.
+_GGUF_NORMAL = 1
 _GGUF_CONTROL = 3
 _GGUF_USER_DEFINED = 4
 
@@ -264,31 +267,28 @@ class HFTokenizer(BaseTokenizer):
 
     @classmethod
     def from_gguf_metadata(cls, metadata: Mapping[str, Any]) -> HFTokenizer:
-        """Rebuild the byte-level BPE tokenizer described by GGUF metadata (``tokenizer.ggml.*`` keys).
+        """Rebuild the tokenizer described by GGUF metadata (``tokenizer.ggml.*`` keys).
 
         Args:
             metadata: GGUF key -> Python value (strings, numbers, lists), at least
                 ``tokenizer.ggml.{model,tokens,merges}``.
 
         Raises:
-            ValueError: for a vocabulary type other than byte-level BPE (``gpt2``) or an unknown
-                pre-tokenizer.
+            ValueError: for a vocabulary type other than ``gpt2`` (byte-level BPE) and ``llama``
+                (SentencePiece), or an unknown pre-tokenizer.
         """
         kind = metadata.get("tokenizer.ggml.model")
-        if kind != "gpt2":
-            raise ValueError(
-                f"GGUF tokenizer type {kind!r} is not supported (only byte-level BPE, 'gpt2'); "
-                "put the model's tokenizer.model or tokenizer.json next to the .gguf file"
-            )
-        pre = metadata.get("tokenizer.ggml.pre", "default")
-        if pre not in _GGUF_PRE_TYPES:
-            raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported; supported: {list(_GGUF_PRE_TYPES)}")
-        tokens: list[str] = list(metadata["tokenizer.ggml.tokens"])
-        merges = [tuple(m.split(" ", 1)) for m in metadata["tokenizer.ggml.merges"]]
-        tk = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-        tk.pre_tokenizer = _byte_level_pre_tokenizer(pre)
-        tk.decoder = decoders.ByteLevel()
+        tokens: list[str] = list(_need(metadata, "tokenizer.ggml.tokens"))
         types = list(metadata.get("tokenizer.ggml.token_type", ()))
+        if kind == "gpt2":
+            tk = _gguf_byte_level_bpe(tokens, metadata)
+        elif kind == "llama":
+            tk = _gguf_sentencepiece_bpe(tokens, types, metadata)
+        else:
+            raise ValueError(
+                f"GGUF tokenizer type {kind!r} is not supported (only 'gpt2' byte-level BPE and 'llama' "
+                "SentencePiece); put the model's tokenizer.model or tokenizer.json next to the .gguf file"
+            )
         tk.add_special_tokens(
             [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == _GGUF_CONTROL]
         )
@@ -305,7 +305,8 @@ class HFTokenizer(BaseTokenizer):
             tk,
             bos_token=token("bos_token_id"),
             eos_token=token("eos_token_id"),
-            add_bos=bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
+            # llama.cpp adds BOS to SentencePiece vocabularies unless the file says otherwise
+            add_bos=bool(metadata.get("tokenizer.ggml.add_bos_token", kind == "llama")),
             add_eos=bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
             chat_template=metadata.get("tokenizer.chat_template"),
             extra_stop_ids=[int(i) for i in extra if i is not None],
@@ -332,6 +333,54 @@ class HFTokenizer(BaseTokenizer):
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special_ids
+
+
+def _gguf_byte_level_bpe(tokens: list[str], metadata: Mapping[str, Any]) -> Tokenizer:
+    pre = metadata.get("tokenizer.ggml.pre", "default")
+    if pre not in _GGUF_PRE_TYPES:
+        raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported; supported: {list(_GGUF_PRE_TYPES)}")
+    merges = [tuple(m.split(" ", 1)) for m in _need(metadata, "tokenizer.ggml.merges")]
+    tk = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    tk.pre_tokenizer = _byte_level_pre_tokenizer(pre)
+    tk.decoder = decoders.ByteLevel()
+    return tk
+
+
+def _gguf_sentencepiece_bpe(tokens: list[str], types: list[int], metadata: Mapping[str, Any]) -> Tokenizer:
+    """SentencePiece BPE as a ``tokenizers`` BPE: spaces become ``▁``, unknown characters fall back to bytes.
+
+    SentencePiece merges the adjacent pair whose union has the highest score; the equivalent BPE merge
+    list holds every split of every normal piece into two pieces of the vocabulary, ranked by the
+    score of the union.
+    """
+    scores = list(_need(metadata, "tokenizer.ggml.scores"))
+    vocab = {t: i for i, t in enumerate(tokens)}
+    normal = {t for t, ty in zip(tokens, types) if ty == _GGUF_NORMAL} if types else set(tokens)
+    ranked = []
+    for piece in normal:
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in normal and right in normal:
+                ranked.append((-scores[vocab[piece]], vocab[left], vocab[right], left, right))
+    ranked.sort()
+    unk = metadata.get("tokenizer.ggml.unknown_token_id")
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for *_, a, b in ranked], byte_fallback=True,
+                              unk_token=tokens[int(unk)] if unk is not None else None, fuse_unk=True))
+    prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+    tk.normalizer = normalizers.Sequence(
+        [*([normalizers.Prepend("\u2581")] if prefix else []), normalizers.Replace(" ", "\u2581")]
+    )
+    tk.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+         *([decoders.Strip(" ", 1, 0)] if prefix else [])]
+    )
+    return tk
+
+
+def _need(metadata: Mapping[str, Any], key: str) -> Any:
+    if key not in metadata:
+        raise ValueError(f"GGUF metadata lacks {key}; the file's tokenizer is incomplete")
+    return metadata[key]
 
 
 def _byte_level_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:

@@ -21,7 +21,7 @@ import torch
 
 from ..config import LLMConfig
 from ..model import Transformer
-from ..tokenizer import BaseTokenizer, HFTokenizer, load_tokenizer
+from ..tokenizer import GGUF_TOKENIZER_TYPES, BaseTokenizer, HFTokenizer, load_tokenizer
 from .common import CheckpointMismatchError, WeightsFormatError, build_model
 from .gguf import find_default_gguf, load_gguf
 from .hf import load_hf_state_dict
@@ -104,7 +104,7 @@ def _tokenizer_next_to(path: Path, kind: str | None) -> BaseTokenizer:
         return load_tokenizer(path.parent)
     except FileNotFoundError:
         raise FileNotFoundError(
-            f"{path} embeds a {kind!r} tokenizer, which we do not rebuild from GGUF (only byte-level BPE); "
+            f"{path} embeds a {kind!r} tokenizer, which we do not rebuild from GGUF (only {GGUF_TOKENIZER_TYPES}); "
             f"put the model's tokenizer.model or tokenizer.json next to it in {path.parent}"
         ) from None
 
@@ -128,9 +128,9 @@ def load_llm(path: str | Path | None = None, *, dtype: torch.dtype = torch.float
     fmt = detect_format(path)
     if fmt == "gguf":
         model, metadata = load_gguf(path, dtype=dtype, device=device)
-        if metadata.get("tokenizer.ggml.model") == "gpt2":
+        if metadata.get("tokenizer.ggml.model") in GGUF_TOKENIZER_TYPES:
             tokenizer: BaseTokenizer = HFTokenizer.from_gguf_metadata(metadata)
-        else:  # e.g. a SentencePiece vocabulary: use the model's tokenizer file next to the GGUF
+        else:  # a vocabulary type we do not rebuild: use the model's tokenizer file next to the GGUF
             tokenizer = _tokenizer_next_to(path, metadata.get("tokenizer.ggml.model"))
     elif fmt == "hf":
         config, state = load_hf_state_dict(path, dtype=dtype, device=device)
