@@ -112,10 +112,27 @@ def test_container_audio_tracks(tmp_path):
     sf.write(tmp_path / "ref.wav", (signal * 32768).astype(np.int16), 16000)
     _write_audio_container(tmp_path / "lossless.mkv", "pcm_s16le", signal, 16000)
     _write_audio_container(tmp_path / "speech.mp4", "aac", signal, 16000)
-    ref, lossless, aac = load_audio([tmp_path / "ref.wav", tmp_path / "lossless.mkv", (tmp_path / "speech.mp4").read_bytes()])
+    aac_bytes = (tmp_path / "speech.mp4").read_bytes()
+    ref, lossless, aac = load_audio([tmp_path / "ref.wav", tmp_path / "lossless.mkv", aac_bytes])
     torch.testing.assert_close(lossless, ref, atol=1e-5, rtol=0)  # same samples via PyAV as via soundfile
     assert aac.shape == (3, 1, 128, 204)
     assert torch.corrcoef(torch.stack([aac.flatten(), ref.flatten()]))[0, 1] > 0.9  # lossy but the same sound
+
+
+@pytest.mark.parametrize(
+    "fmt, subtype, suffix", [("FLAC", "PCM_24", ".flac"), ("OGG", "VORBIS", ".ogg"), ("MP3", "MPEG_LAYER_III", ".mp3")]
+)
+def test_compressed_formats_via_soundfile(tmp_path, fmt, subtype, suffix):
+    signal = _tone(44100, 3.0, channels=2)
+    sf.write(tmp_path / "ref.wav", signal, 44100, subtype="FLOAT")
+    sf.write(tmp_path / f"clip{suffix}", signal, 44100, format=fmt, subtype=subtype)
+    path = tmp_path / f"clip{suffix}"
+    ref, by_path, by_bytes = load_audio([tmp_path / "ref.wav", path, path.read_bytes()])
+    torch.testing.assert_close(by_bytes, by_path, atol=0, rtol=0)  # format sniffed from the content
+    if fmt == "FLAC":
+        torch.testing.assert_close(by_path, ref, atol=1e-4, rtol=0)  # lossless up to 24-bit quantisation
+    else:
+        assert torch.corrcoef(torch.stack([by_path.flatten(), ref.flatten()]))[0, 1] > 0.9
 
 
 def test_windowed_decoding_equals_whole_file(tmp_path):

@@ -87,5 +87,6 @@ def test_train_transform_full_crop_is_plain_normalisation():
     pixels = np.random.default_rng(1).integers(0, 255, (224, 224, 3), dtype=np.uint8)
     config = ImageConfig(train_scale=(1.0, 1.0), train_ratio=(1.0, 1.0))
     out = train_transform(Image.fromarray(pixels), torch.Generator().manual_seed(0), config)
-    expected = (torch.from_numpy(pixels).permute(2, 0, 1) / 255.0 - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
+    expected = (torch.from_numpy(pixels).permute(2, 0, 1) / 255.0 - mean) / std
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)

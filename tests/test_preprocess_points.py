@@ -13,6 +13,7 @@ from imagebind_llm.preprocess.points import farthest_point_sample
 
 MEDIA = Path(__file__).parent / "fixtures" / "media"
 EXAMPLES = ["airplane", "car", "door", "toilet"]
+PCD_HEADER = "VERSION 0.7\nFIELDS x y z\nSIZE 4 4 4\nTYPE F F F\nCOUNT 1 1 1\nWIDTH {n}\nHEIGHT 1\nPOINTS {n}\n"
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +116,8 @@ def test_resampling_is_deterministic_and_per_cloud(cloud):
         ("empty.xyz", "", "empty"),
         ("words.xyz", "hello world\n", r"shape \[N, 3\]"),
         ("mesh.stl", "solid x", "unknown point-cloud extension"),
-        ("packed.pcd", "VERSION 0.7\nFIELDS x y z\nSIZE 4 4 4\nTYPE F F F\nCOUNT 1 1 1\nWIDTH 2\nHEIGHT 1\nPOINTS 2\nDATA binary_compressed\n", "not supported"),
-        ("short.pcd", "VERSION 0.7\nFIELDS x y z\nSIZE 4 4 4\nTYPE F F F\nCOUNT 1 1 1\nWIDTH 9\nHEIGHT 1\nPOINTS 9\nDATA binary\n\x00\x00", "truncated"),
+        ("packed.pcd", PCD_HEADER.format(n=2) + "DATA binary_compressed\n", "not supported"),
+        ("short.pcd", PCD_HEADER.format(n=9) + "DATA binary\n\x00\x00", "truncated"),
         ("same.npy", np.ones((5, 3)), "identical"),
         ("pickle.pt", {"points": 1}, "expected a tensor"),
     ],

@@ -88,7 +88,7 @@ def test_audio_only_file_raises(tmp_path):
     assert str(path) in str(info.value)
 
 
-@pytest.mark.parametrize("content, expected", [(b"", "empty"), (b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64, "cannot decode")])
+@pytest.mark.parametrize("content, expected", [(b"", "empty"), (b"\x00\x00\x00\x18ftypmp42" + bytes(64), "cannot decode")])
 def test_bad_video_raises(tmp_path, content, expected):
     path = tmp_path / "bad.mp4"
     path.write_bytes(content)
