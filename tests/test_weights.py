@@ -204,25 +204,27 @@ def test_load_llm_meta_layout_with_tokenizer_one_level_up(tmp_path):
         load_llm(LLAMA_DIR)
 
 
+def edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
 def test_mismatched_weights_name_the_tensor(reference, tmp_path):
     state, _ = reference
     save_hf(tmp_path / "hf", state, CONFIG)
-    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
-    (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 256}))
+    edit_json(tmp_path / "hf" / "config.json", intermediate_size=256)
     with pytest.raises(CheckpointMismatchError, match=r"\(model\.layers\.0\.mlp\.down_proj\.weight\): tensor "
                        r"'layers\.0\.feed_forward\.w2\.weight' has shape \[64, 192\] but the config expects \[64, 256\]"):
         load_llm(tmp_path / "hf")
 
     save_meta(tmp_path / "meta", state, CONFIG)
-    params = json.loads((tmp_path / "meta" / "params.json").read_text())
-    (tmp_path / "meta" / "params.json").write_text(json.dumps({**params, "n_kv_heads": 4}))
+    edit_json(tmp_path / "meta" / "params.json", n_kv_heads=4)
     with pytest.raises(CheckpointMismatchError, match=r"'layers\.0\.attention\.wk\.weight' has shape \[32, 64\] "
                                                       r"but the config expects \[64, 64\]"):
         load_meta_state_dict(tmp_path / "meta")
 
     partial = {k: v for k, v in state.items() if k != "norm.weight"}
     save_file(to_hf_state_dict(partial, CONFIG), str(tmp_path / "hf" / "model.safetensors"))
-    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    edit_json(tmp_path / "hf" / "config.json", intermediate_size=CONFIG.hidden_dim)
     with pytest.raises(CheckpointMismatchError, match=r"missing tensors \['norm\.weight'\]"):
         load_hf_state_dict(tmp_path / "hf")
 
