@@ -221,3 +221,15 @@ def test_point_checkpoint_into_model_without_point_branch(small_config):
 def test_missing_checkpoint_file(tmp_path, small_config):
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         ImageBind(small_config).load_official(tmp_path / "nope.pth")
+
+
+@pytest.mark.parametrize("key,modality", [("vision", "vision"), ("audio", "audio"), ("text_tokens", "text"),
+                                          ("video", "vision")])
+def test_official_preprocessed_media(small, key, modality):
+    """Real media, preprocessed by the official loaders, embed to the official small-model outputs."""
+    src = FIX / ("preprocess_public_video.pt" if key == "video" else "preprocess_public.pt")
+    x = torch.load(src, weights_only=True)[key]
+    ref = torch.load(FIX / "media_embeddings_small.pt", weights_only=True)["embeddings"][key]
+    with torch.no_grad():
+        out = small({modality: x})[modality]
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
