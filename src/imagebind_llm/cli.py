@@ -9,9 +9,11 @@ mismatched weights, invalid options) are printed as one line on stderr with a no
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
@@ -91,8 +93,113 @@ def _answer(session, prompt: str, stream: bool, sampling: dict) -> None:
         print("".join(session.respond(prompt, **sampling)).strip(), flush=True)
 
 
+def add_ask_command(subparsers: argparse._SubParsersAction) -> None:
+    """``imagebind-llm ask --image a.jpg --audio b.wav QUESTION``: one multimodal question."""
+    p = subparsers.add_parser(
+        "ask", help="ask a question about images, audio, video, text, point clouds, depth, thermal or IMU",
+        description="Answer QUESTION about the given media with ImageBind-LLM. Without --model/--adapter/--weights "
+                    "it runs the embedded demo (SmolLM2 + a small random ImageBind, gates at zero): the media go "
+                    "through the whole pipeline but cannot change the answer until trained or released weights "
+                    "are loaded.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("question")
+    for name in ("image", "video", "audio", "point", "depth", "thermal", "imu"):
+        p.add_argument(f"--{name}", metavar="FILE", help=f"{name} input file")
+    p.add_argument("--text", metavar="STRING", help="a text input embedded by ImageBind (not the question)")
+    p.add_argument("--weight", help="modality weights, e.g. image=0.4,audio=0.6 (default 1 each; normalised)")
+    p.add_argument("--model", help="base LLM: Meta folder (e.g. llama_dir/7B_chinese), HF folder or .gguf; "
+                                   "default: embedded SmolLM2")
+    p.add_argument("--adapter", help="official adapter file (7B.pth, 7B-pretrained.pth, 7B-beta.pth)")
+    p.add_argument("--weights", help="a folder saved by imagebind-llm (config.json + adapter.safetensors)")
+    p.add_argument("--imagebind", help="official ImageBind checkpoint (imagebind_w3D.pth or imagebind_huge.pth)")
+    p.add_argument("--imagebind-config", help="JSON file of ImageBindModel arguments for --imagebind (default: huge, "
+                                              "with the point branch iff the checkpoint has one)")
+    p.add_argument("--phase", choices=["finetune", "pretrain"], default="finetune", help="adapter structure")
+    p.add_argument("--cache", help="retrieval cache folder (imagebind-llm cache build)")
+    p.add_argument("--cache-top-k", type=int, default=10, help="neighbours blended")
+    p.add_argument("--cache-temperature", type=float, default=20.0, help="softmax temperature on similarities")
+    p.add_argument("--cache-weight", type=float, default=0.5, help="weight of the retrieved prototype")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit in tokens")
+    p.add_argument("--temperature", type=float, default=0.1, help="sampling temperature; 0 is greedy")
+    p.add_argument("--top-p", type=float, default=0.75, help="nucleus sampling probability mass")
+    p.add_argument("--seed", type=int, help="random seed for sampling")
+    p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="parameter dtype")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.set_defaults(func=run_ask)
+
+
+def run_ask(args: argparse.Namespace) -> int:
+    from imagebind_llm.llm.chat import choose_template
+    from imagebind_llm.model.factory import build_default, from_official, load_pretrained
+    from imagebind_llm.model.media import load_media, parse_weights
+
+    dtype = _DTYPES[args.dtype]
+    imagebind_config = None
+    if args.imagebind_config:
+        from imagebind_llm.encoders import ImageBindConfig
+
+        imagebind_config = ImageBindConfig.from_dict(json.loads(Path(args.imagebind_config).read_text()))
+    sources = {name: getattr(args, name) for name in ("image", "video", "audio", "point", "depth", "thermal",
+                                                       "imu", "text") if getattr(args, name) is not None}
+    media = load_media(sources, parse_weights(args.weight), dtype=dtype) if sources else None
+    if args.weights:
+        model = load_pretrained(args.weights, args.model, args.imagebind, dtype=dtype, device=args.device)
+    elif args.model or args.adapter:
+        if not (args.model and args.adapter):
+            raise ValueError("--model and --adapter go together (base LLM + official adapter file)")
+        model = from_official(args.model, args.adapter, args.imagebind, phase=args.phase, dtype=dtype,
+                              device=args.device, imagebind_config=imagebind_config)
+    else:
+        print("note: embedded demo model (untrained gates): media do not influence the answer until trained or "
+              "released weights are loaded (--model/--adapter or --weights)", file=sys.stderr)
+        model = build_default(dtype=dtype, device=args.device)
+    cache = None
+    if args.cache:
+        from imagebind_llm.cache import FeatureCache
+
+        cache = FeatureCache.load(args.cache)
+    template = choose_template("alpaca" if args.adapter or args.weights else None, model.tokenizer)
+    prompt = template.render([{"role": "user", "content": args.question}])
+    options = dict(cache=cache, cache_top_k=args.cache_top_k, cache_temperature=args.cache_temperature,
+                   cache_weight=args.cache_weight, max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, top_p=args.top_p, stop_strings=("### Instruction:",))
+    if args.seed is not None:
+        options["generator"] = torch.Generator(device=args.device).manual_seed(args.seed)
+    if args.stream:
+        for piece in model.stream(prompt, media, **options):
+            print(piece, end="", flush=True)
+        print(flush=True)
+    else:
+        print(model.generate([prompt], media, **options)[0].text.strip(), flush=True)
+    return 0
+
+
+def add_merge_delta_command(subparsers: argparse._SubParsersAction) -> None:
+    """``imagebind-llm merge-delta``: LLaMA-7B + Open-Chinese-LLaMA delta -> the base the released 7B.pth needs."""
+    p = subparsers.add_parser(
+        "merge-delta", help="build Open-Chinese-LLaMA-7B (the base of the released 7B.pth) from LLaMA-7B + delta",
+        description="out = fp16(base + delta) for every tensor (rope keys skipped). The released 7B.pth adapter "
+                    "was trained on this base and gives meaningless text on vanilla LLaMA-7B.",
+    )
+    p.add_argument("--base", required=True, help="Meta LLaMA-7B folder (params.json + consolidated.00.pth)")
+    p.add_argument("--delta", required=True, help="7B_chinese_delta folder (consolidated.00.pth + params.json)")
+    p.add_argument("--out", required=True, help="output folder, e.g. llama_dir/7B_chinese")
+    p.set_defaults(func=run_merge_delta)
+
+
+def run_merge_delta(args: argparse.Namespace) -> int:
+    from imagebind_llm.model.factory import merge_delta
+
+    print(f"wrote {merge_delta(args.base, args.delta, args.out)}")
+    return 0
+
+
 # One entry per subcommand (or group of subcommands).
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], object]] = [add_chat_command, add_cache_subcommands]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], object]] = [
+    add_chat_command, add_ask_command, add_merge_delta_command, add_cache_subcommands,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

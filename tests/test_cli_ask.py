@@ -1,0 +1,62 @@
+"""`imagebind-llm ask` and `merge-delta` end to end, on the official small fixtures."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from imagebind_llm.cli import main
+from imagebind_llm.llm.templates import alpaca_prompt
+from imagebind_llm.model.factory import from_official
+from imagebind_llm.model.media import load_media, parse_weights
+from test_model import ADAPTER, FIXTURES, IO, small_encoder
+
+MEDIA = FIXTURES / "media"
+
+
+@pytest.fixture(scope="module")
+def small_config(tmp_path_factory):
+    kwargs = json.loads((FIXTURES / "imagebind" / "imagebind_small.json").read_text())["ImageBindModel_kwargs"]
+    path = tmp_path_factory.mktemp("cfg") / "imagebind_small.json"
+    path.write_text(json.dumps({**kwargs, "with_point": False}))
+    return path
+
+
+def test_alpaca_prompt_tokens_equal_the_official_prompt_ids():
+    model = from_official(ADAPTER / "llama" / "base", ADAPTER / "adapter_finetune.pth", small_encoder())
+    ids = model.tokenizer.encode(alpaca_prompt("Describe the image in detail."), bos=True)
+    assert ids == IO["results"]["finetune"]["prompt_ids"].tolist()
+
+
+def test_ask_cli_matches_the_python_api(capsys, small_config):
+    argv = ["ask", "--model", str(ADAPTER / "llama" / "base"), "--adapter", str(ADAPTER / "adapter_finetune.pth"),
+            "--imagebind", str(FIXTURES / "imagebind" / "imagebind_small.pth"), "--imagebind-config", str(small_config),
+            "--image", str(MEDIA / "girl.jpg"), "--audio", str(MEDIA / "girl_bgm.wav"), "--weight", "image=0.4,audio=0.6",
+            "--temperature", "0", "--max-new-tokens", "16", "Describe the image in detail."]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out.strip()
+    model = from_official(ADAPTER / "llama" / "base", ADAPTER / "adapter_finetune.pth", small_encoder())
+    media = load_media({"image": MEDIA / "girl.jpg", "audio": MEDIA / "girl_bgm.wav"}, parse_weights("image=0.4,audio=0.6"))
+    expected = model.ask("Describe the image in detail.", media, temperature=0, max_new_tokens=16,
+                         stop_strings=("### Instruction:",))
+    assert printed == expected.strip()
+    without_media = model.ask("Describe the image in detail.", None, temperature=0, max_new_tokens=16)
+    assert without_media != expected  # the trained gates let the media change the answer
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["ask", "--image", "missing.jpg", "Hi"], "missing.jpg"),
+    (["ask", "--image", str(MEDIA / "girl.jpg"), "--weight", "smell=1", "Hi"], "smell"),
+    (["ask", "--model", str(ADAPTER / "llama" / "base"), "Hi"], "--adapter"),
+])
+def test_ask_errors_are_one_line(capsys, argv, message):
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_weights_parse_and_normalise():
+    assert parse_weights("image=0.4, audio=0.6") == {"image": 0.4, "audio": 0.6}
+    with pytest.raises(ValueError, match="MODALITY=NUMBER"):
+        parse_weights("image")
