@@ -40,6 +40,15 @@ def test_bytes_and_seeking_agree(reference):
     torch.testing.assert_close(out, reference, atol=1e-3, rtol=0)
 
 
+def test_seeking_across_key_frames_agrees(tmp_path):
+    """h264 with B-frames and a key frame every second: per-frame seeking finds the same frames."""
+    path = tmp_path / "long.mp4"
+    _write_video(path, width=64, height=48, fps=25, frames=25 * 30, gop=25)
+    sequential = load_video(path, VideoConfig(seek_min_frames=10**9))
+    seeking = load_video(path, VideoConfig(seek_min_frames=0))
+    torch.testing.assert_close(seeking, sequential, atol=0, rtol=0)
+
+
 def test_frame_choice_follows_sampler():
     # 156 frames at 24 fps (6.5 s): clip k starts at 1.125 k s; frames ceil(24 t0) .. ceil(24 t1) - 1.
     assert frame_indices(156, 24.0, VideoConfig()) == [[0, 47], [27, 74], [54, 101], [81, 128], [108, 155]]
@@ -48,14 +57,15 @@ def test_frame_choice_follows_sampler():
     assert frame_indices(4, 0.25, VideoConfig()) == [[0, 0], [1, 1], [2, 2], [3, 3], [3, 3]]
 
 
-def _write_video(path: Path, width: int, height: int, fps: int, frames: int) -> None:
-    """A video whose brightness grows downwards and to the right (so crops are distinguishable)."""
+def _write_video(path: Path, width: int, height: int, fps: int, frames: int, gop: int = 12) -> None:
+    """An h264 video whose brightness grows downwards and to the right (so crops are distinguishable)
+    and changes from frame to frame (so a wrong frame is visible)."""
     ramp = (np.add.outer(np.linspace(0, 150, height), np.linspace(0, 100, width))).astype(np.uint8)
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.width, stream.height, stream.pix_fmt, stream.gop_size = width, height, "yuv420p", gop
         for i in range(frames):
-            rgb = np.repeat((ramp + i % 5)[:, :, None], 3, axis=2)
+            rgb = np.repeat((ramp + i % 97)[:, :, None], 3, axis=2)
             for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode(None):
