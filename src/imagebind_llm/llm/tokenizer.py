@@ -18,15 +18,13 @@ Every tokenizer exposes ``encode(text, *, bos=None, eos=False)``, ``decode(ids)`
 from __future__ import annotations
 
 import json
-import logging
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-
-logger = logging.getLogger(__name__)
 
 # Special tokens that end an assistant turn in common chat formats. They join `stop_ids` when the
 # vocabulary has them as special tokens, so generation stops at the end of a turn even when the
@@ -53,7 +51,7 @@ _GGUF_CONTROL = 3
 _GGUF_USER_DEFINED = 4
 
 
-class BaseTokenizer:
+class BaseTokenizer(ABC):
     """Shared encode/decode logic; subclasses implement `_encode_text`, `_decode` and the vocabulary."""
 
     bos_id: int | None
@@ -66,22 +64,25 @@ class BaseTokenizer:
     eos_token: str
 
     @property
+    @abstractmethod
     def vocab_size(self) -> int:
-        raise NotImplementedError
+        """Number of token ids, special tokens included."""
 
+    @abstractmethod
     def _encode_text(self, text: str) -> list[int]:
-        raise NotImplementedError
+        """Ids of `text`, without BOS/EOS."""
 
+    @abstractmethod
     def _decode(self, ids: Sequence[int], skip_special: bool) -> str:
-        raise NotImplementedError
+        """Text of valid `ids`."""
 
+    @abstractmethod
     def id_to_piece(self, token_id: int) -> str:
         """The vocabulary entry of `token_id` (as the vocabulary spells it, e.g. ``'▁the'``, ``'Ġthe'``)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def token_to_id(self, piece: str) -> int | None:
         """The id of a vocabulary entry, or None when it is not in the vocabulary."""
-        raise NotImplementedError
 
     def encode(self, text: str, *, bos: bool | None = None, eos: bool = False) -> list[int]:
         """Token ids of `text`; special tokens written in the text (``<|im_start|>``, ``</s>``) map to their ids.
@@ -120,9 +121,9 @@ class BaseTokenizer:
                 ids.add(token_id)
         self.stop_ids = frozenset(i for i in ids if i is not None)
 
+    @abstractmethod
     def is_special(self, token_id: int) -> bool:
         """Whether `token_id` is a control/special token rather than text."""
-        raise NotImplementedError
 
 
 class SentencePieceTokenizer(BaseTokenizer):

@@ -232,6 +232,7 @@ def load_hf_state_dict(path: str | Path, *, dtype: torch.dtype = torch.float32,
     state: dict[str, torch.Tensor] = {}
     for name, f, file in _iter_hf_tensors(safetensors_files(path)):
         if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and config.tie_embeddings):
+            logger.debug("%s: ignoring %s", file, name)
             continue
         key = map_key(name, HF_TO_OURS)
         if key is None:

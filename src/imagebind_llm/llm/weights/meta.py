@@ -147,6 +147,7 @@ def load_meta_state_dict(path: str | Path, *, dtype: torch.dtype = torch.float32
     state: dict[str, torch.Tensor] = {}
     for key in shards[0]:
         if _IGNORED.match(key):
+            logger.debug("%s: ignoring %s", files[0], key)
             continue
         missing_in = [str(f) for f, s in zip(files, shards) if key not in s]
         if missing_in:
