@@ -316,13 +316,6 @@ class FeatureCache:
         if self._gpu_index is not None:
             index_lib.set_nprobe(self._gpu_index, value)
 
-    def nbytes(self) -> int:
-        """Bytes of the index plus the kept vectors (what the cache occupies in RAM or page cache)."""
-        size = self.meta.files.get(INDEX_FILE, {}).get("bytes")
-        if size is None:
-            size = index_lib.code_bytes(self.index)
-        return size + (self.vectors.nbytes if self.vectors is not None else 0)
-
     def check_compatible(self, dim: int, encoder: str) -> None:
         """Refuse a cache built for another feature size or encoder.
 
