@@ -60,3 +60,13 @@ def test_weights_parse_and_normalise():
     assert parse_weights("image=0.4, audio=0.6") == {"image": 0.4, "audio": 0.6}
     with pytest.raises(ValueError, match="MODALITY=NUMBER"):
         parse_weights("image")
+
+
+def test_chat_with_media_answers_like_ask(capsys, small_config):
+    shared = ["--model", str(ADAPTER / "llama" / "base"), "--adapter", str(ADAPTER / "adapter_finetune.pth"),
+              "--imagebind", str(FIXTURES / "imagebind" / "imagebind_small.pth"), "--imagebind-config",
+              str(small_config), "--image", str(MEDIA / "girl.jpg"), "--temperature", "0", "--max-new-tokens", "12"]
+    assert main(["ask", *shared, "Describe the image in detail."]) == 0
+    asked = capsys.readouterr().out.strip()
+    assert main(["chat", *shared, "Describe the image in detail."]) == 0
+    assert capsys.readouterr().out.strip() == asked

@@ -51,6 +51,7 @@ def add_chat_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="parameter dtype")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    _add_media_args(p)
     p.set_defaults(func=run_chat)
 
 
@@ -58,10 +59,19 @@ def run_chat(args: argparse.Namespace) -> int:
     from imagebind_llm.llm.chat import ChatSession, choose_template
     from imagebind_llm.llm.weights import load_llm
 
-    llm = load_llm(args.model, dtype=_DTYPES[args.dtype], device=args.device)
-    session = ChatSession(llm.model, llm.tokenizer, choose_template(args.template, llm.tokenizer), system=args.system)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, repetition_penalty=args.repetition_penalty)
+    if _wants_multimodal(args):  # the media feature stays injected for the whole conversation
+        model, media, options = _load_multimodal(args)
+        decoder, tokenizer = model.llm, model.tokenizer
+        sampling["injections"] = model.media_injections(media, options.pop("cache"), top_k=options["cache_top_k"],
+                                                        temperature=options["cache_temperature"],
+                                                        weight=options["cache_weight"])
+        name, fmt = "ImageBind-LLM", "multimodal"
+    else:
+        llm = load_llm(args.model, dtype=_DTYPES[args.dtype], device=args.device)
+        decoder, tokenizer, name, fmt = llm.model, llm.tokenizer, llm.path.name, llm.format
+    session = ChatSession(decoder, tokenizer, choose_template(args.template, tokenizer), system=args.system)
     if args.seed is not None:
         sampling["generator"] = torch.Generator(device=args.device).manual_seed(args.seed)
     if args.prompt is not None:
@@ -69,7 +79,7 @@ def run_chat(args: argparse.Namespace) -> int:
         return 0
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"Chatting with {llm.path.name} ({llm.format}); /exit to quit, /reset to start over.")
+        print(f"Chatting with {name} ({fmt}); /exit to quit, /reset to start over.")
     while True:
         try:
             line = input("> " if interactive else "")
@@ -93,45 +103,34 @@ def _answer(session, prompt: str, stream: bool, sampling: dict) -> None:
         print("".join(session.respond(prompt, **sampling)).strip(), flush=True)
 
 
-def add_ask_command(subparsers: argparse._SubParsersAction) -> None:
-    """``imagebind-llm ask --image a.jpg --audio b.wav QUESTION``: one multimodal question."""
-    p = subparsers.add_parser(
-        "ask", help="ask a question about images, audio, video, text, point clouds, depth, thermal or IMU",
-        description="Answer QUESTION about the given media with ImageBind-LLM. Without --model/--adapter/--weights "
-                    "it runs the embedded demo (SmolLM2 + a small random ImageBind, gates at zero): the media go "
-                    "through the whole pipeline but cannot change the answer until trained or released weights "
-                    "are loaded.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("question")
-    for name in ("image", "video", "audio", "point", "depth", "thermal", "imu"):
-        p.add_argument(f"--{name}", metavar="FILE", help=f"{name} input file")
-    p.add_argument("--text", metavar="STRING", help="a text input embedded by ImageBind (not the question)")
-    p.add_argument("--weight", help="modality weights, e.g. image=0.4,audio=0.6 (default 1 each; normalised)")
-    p.add_argument("--model", help="base LLM: Meta folder (e.g. llama_dir/7B_chinese), HF folder or .gguf; "
-                                   "default: embedded SmolLM2")
-    p.add_argument("--adapter", help="official adapter file (7B.pth, 7B-pretrained.pth, 7B-beta.pth)")
-    p.add_argument("--weights", help="a folder saved by imagebind-llm (config.json + adapter.safetensors)")
-    p.add_argument("--imagebind", help="official ImageBind checkpoint (imagebind_w3D.pth or imagebind_huge.pth)")
-    p.add_argument("--imagebind-config", help="JSON file of ImageBindModel arguments for --imagebind (default: huge, "
-                                              "with the point branch iff the checkpoint has one)")
-    p.add_argument("--phase", choices=["finetune", "pretrain"], default="finetune", help="adapter structure")
-    p.add_argument("--cache", help="retrieval cache folder (imagebind-llm cache build)")
-    p.add_argument("--cache-top-k", type=int, default=10, help="neighbours blended")
-    p.add_argument("--cache-temperature", type=float, default=20.0, help="softmax temperature on similarities")
-    p.add_argument("--cache-weight", type=float, default=0.5, help="weight of the retrieved prototype")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit in tokens")
-    p.add_argument("--temperature", type=float, default=0.1, help="sampling temperature; 0 is greedy")
-    p.add_argument("--top-p", type=float, default=0.75, help="nucleus sampling probability mass")
-    p.add_argument("--seed", type=int, help="random seed for sampling")
-    p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="parameter dtype")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    p.set_defaults(func=run_ask)
+_MEDIA_FILES = ("image", "video", "audio", "point", "depth", "thermal", "imu")
 
 
-def run_ask(args: argparse.Namespace) -> int:
-    from imagebind_llm.llm.chat import choose_template
+def _add_media_args(p: argparse.ArgumentParser) -> None:
+    """Media inputs, ImageBind-LLM weights and the retrieval cache (shared by ``ask`` and ``chat``)."""
+    media = p.add_argument_group("media (ImageBind-LLM)")
+    for name in _MEDIA_FILES:
+        media.add_argument(f"--{name}", metavar="FILE", help=f"{name} input file")
+    media.add_argument("--text", metavar="STRING", help="a text input embedded by ImageBind (not the question)")
+    media.add_argument("--weight", help="modality weights, e.g. image=0.4,audio=0.6 (default 1 each; normalised)")
+    media.add_argument("--adapter", help="official adapter file (7B.pth, 7B-pretrained.pth, 7B-beta.pth) for --model")
+    media.add_argument("--weights", help="a folder saved by imagebind-llm (config.json + adapter.safetensors)")
+    media.add_argument("--imagebind", help="official ImageBind checkpoint (imagebind_w3D.pth or imagebind_huge.pth)")
+    media.add_argument("--imagebind-config", help="JSON file of ImageBindModel arguments for --imagebind "
+                                                  "(default: huge, with the point branch iff the checkpoint has one)")
+    media.add_argument("--phase", choices=["finetune", "pretrain"], default="finetune", help="adapter structure")
+    media.add_argument("--cache", help="retrieval cache folder (imagebind-llm cache build)")
+    media.add_argument("--cache-top-k", type=int, default=10, help="neighbours blended")
+    media.add_argument("--cache-temperature", type=float, default=20.0, help="softmax temperature on similarities")
+    media.add_argument("--cache-weight", type=float, default=0.5, help="weight of the retrieved prototype")
+
+
+def _wants_multimodal(args: argparse.Namespace) -> bool:
+    return any(getattr(args, n) is not None for n in (*_MEDIA_FILES, "text", "adapter", "weights", "cache"))
+
+
+def _load_multimodal(args: argparse.Namespace):
+    """The ImageBind-LLM model, its media inputs and cache options from the shared arguments."""
     from imagebind_llm.model.factory import build_default, from_official, load_pretrained
     from imagebind_llm.model.media import load_media, parse_weights
 
@@ -141,8 +140,7 @@ def run_ask(args: argparse.Namespace) -> int:
         from imagebind_llm.encoders import ImageBindConfig
 
         imagebind_config = ImageBindConfig.from_dict(json.loads(Path(args.imagebind_config).read_text()))
-    sources = {name: getattr(args, name) for name in ("image", "video", "audio", "point", "depth", "thermal",
-                                                       "imu", "text") if getattr(args, name) is not None}
+    sources = {name: getattr(args, name) for name in (*_MEDIA_FILES, "text") if getattr(args, name) is not None}
     media = load_media(sources, parse_weights(args.weight), dtype=dtype) if sources else None
     if args.weights:
         model = load_pretrained(args.weights, args.model, args.imagebind, dtype=dtype, device=args.device)
@@ -160,11 +158,43 @@ def run_ask(args: argparse.Namespace) -> int:
         from imagebind_llm.cache import FeatureCache
 
         cache = FeatureCache.load(args.cache)
+    cache_options = dict(cache=cache, cache_top_k=args.cache_top_k, cache_temperature=args.cache_temperature,
+                         cache_weight=args.cache_weight)
+    return model, media, cache_options
+
+
+def add_ask_command(subparsers: argparse._SubParsersAction) -> None:
+    """``imagebind-llm ask --image a.jpg --audio b.wav QUESTION``: one multimodal question."""
+    p = subparsers.add_parser(
+        "ask", help="ask a question about images, audio, video, text, point clouds, depth, thermal or IMU",
+        description="Answer QUESTION about the given media with ImageBind-LLM. Without --model/--adapter/--weights "
+                    "it runs the embedded demo (SmolLM2 + a small random ImageBind, gates at zero): the media go "
+                    "through the whole pipeline but cannot change the answer until trained or released weights "
+                    "are loaded.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("question")
+    p.add_argument("--model", help="base LLM: Meta folder (e.g. llama_dir/7B_chinese), HF folder or .gguf; "
+                                   "default: embedded SmolLM2")
+    _add_media_args(p)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit in tokens")
+    p.add_argument("--temperature", type=float, default=0.1, help="sampling temperature; 0 is greedy")
+    p.add_argument("--top-p", type=float, default=0.75, help="nucleus sampling probability mass")
+    p.add_argument("--seed", type=int, help="random seed for sampling")
+    p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="parameter dtype")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.set_defaults(func=run_ask)
+
+
+def run_ask(args: argparse.Namespace) -> int:
+    from imagebind_llm.llm.chat import choose_template
+
+    model, media, options = _load_multimodal(args)
     template = choose_template("alpaca" if args.adapter or args.weights else None, model.tokenizer)
     prompt = template.render([{"role": "user", "content": args.question}])
-    options = dict(cache=cache, cache_top_k=args.cache_top_k, cache_temperature=args.cache_temperature,
-                   cache_weight=args.cache_weight, max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, top_p=args.top_p, stop_strings=("### Instruction:",))
+    options.update(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   stop_strings=("### Instruction:",))
     if args.seed is not None:
         options["generator"] = torch.Generator(device=args.device).manual_seed(args.seed)
     if args.stream:
