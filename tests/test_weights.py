@@ -238,6 +238,14 @@ def test_unknown_formats_and_missing_paths(tmp_path):
         load_llm(tmp_path)
     with pytest.raises(WeightsFormatError, match="not a GGUF file"):
         load_llm(tmp_path / "notes.txt")
+    with pytest.raises(WeightsFormatError, match=r"pass its folder .*base$"):
+        load_llm(LLAMA_DIR / "base" / "consolidated.00.pth")
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    shutil.copy(LLAMA_DIR / "base" / "params.json", meta / "params.json")
+    (meta / "consolidated.00.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsFormatError, match=r"consolidated\.00\.pth is not a readable PyTorch checkpoint"):
+        load_llm(meta)
     hf = tmp_path / "hf"
     hf.mkdir()
     save_file({"x": torch.zeros(1)}, str(hf / "model.safetensors"))

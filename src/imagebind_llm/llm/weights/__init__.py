@@ -77,7 +77,8 @@ def detect_format(path: str | Path) -> str:
         with path.open("rb") as f:
             if f.read(4) == b"GGUF":
                 return "gguf"
-        raise WeightsFormatError(f"{path} is a file but not a GGUF file; expected {_EXPECTED}")
+        hint = f"; pass its folder {path.parent}" if path.suffix in (".safetensors", ".pth", ".json") else ""
+        raise WeightsFormatError(f"{path} is a file but not a GGUF file; expected {_EXPECTED}{hint}")
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
         return "hf"
     if (path / "params.json").is_file() and any(path.glob(SHARD_GLOB)):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -109,6 +110,17 @@ def _merge(key: str, parts: list[torch.Tensor], source: Path) -> torch.Tensor:
     return torch.cat(parts, dim=axis)
 
 
+def _load_shard(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        shard = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
+        raise WeightsFormatError(f"{file} is not a readable PyTorch checkpoint of tensors ({str(e).splitlines()[0]}); "
+                                 "re-save it with torch.save(state_dict, path)") from e
+    if not isinstance(shard, dict):
+        raise WeightsFormatError(f"{file} holds a {type(shard).__name__}, not a state dict of tensors")
+    return shard
+
+
 def load_meta_state_dict(path: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                          max_seq_len: int | None = None) -> tuple[LLMConfig, dict[str, torch.Tensor]]:
     """Read a Meta checkpoint directory (``params.json`` + ``consolidated.NN.pth``) into our config and state dict.
@@ -139,7 +151,7 @@ def load_meta_state_dict(path: str | Path, *, dtype: torch.dtype = torch.float32
     except json.JSONDecodeError as e:
         raise WeightsFormatError(f"{params_file} is not valid JSON: {e}") from e
     files = meta_shards(path)
-    shards = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in files]
+    shards = [_load_shard(f) for f in files]
     if "tok_embeddings.weight" not in shards[0]:
         raise CheckpointMismatchError(f"{files[0]}: no 'tok_embeddings.weight'; not a Meta LLaMA checkpoint")
     config = config_from_params(params, shards[0]["tok_embeddings.weight"].shape[0], params_file, max_seq_len)
