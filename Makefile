@@ -14,7 +14,9 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/imagebind-llm chat "What is the capital of France?"
+	$(VENV)/bin/imagebind-llm ask --image tests/fixtures/media/girl.jpg --audio tests/fixtures/media/girl_bgm.wav \
+		--weight image=0.5,audio=0.5 --temperature 0 --max-new-tokens 64 \
+		"Guess the girl's mood based on the background music and explain the reason."
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
