@@ -70,3 +70,15 @@ def test_chat_with_media_answers_like_ask(capsys, small_config):
     asked = capsys.readouterr().out.strip()
     assert main(["chat", *shared, "Describe the image in detail."]) == 0
     assert capsys.readouterr().out.strip() == asked
+
+
+def test_weights_list_and_fetch_of_a_local_file(capsys, tmp_path):
+    assert main(["weights", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert "7B.pth" in listed and "imagebind_w3D.pth" in listed and "knn.index" in listed
+    local = tmp_path / "adapter.pth"
+    local.write_bytes(b"x")
+    assert main(["weights", "fetch", str(local)]) == 0
+    assert capsys.readouterr().out.strip() == str(local)
+    assert main(["weights", "fetch", "no-such-weights"]) == 1
+    assert "no-such-weights" in capsys.readouterr().err

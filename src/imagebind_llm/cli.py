@@ -19,6 +19,7 @@ import torch
 
 from imagebind_llm import __version__
 from imagebind_llm.cache.cli import add_cache_subcommands
+from imagebind_llm.download import DownloadError, fetch, format_weights_table
 
 EXIT_USER_ERROR = 1
 # What our library raises for bad input (CheckpointMismatchError and WeightsFormatError are ValueErrors).
@@ -113,9 +114,11 @@ def _add_media_args(p: argparse.ArgumentParser) -> None:
         media.add_argument(f"--{name}", metavar="FILE", help=f"{name} input file")
     media.add_argument("--text", metavar="STRING", help="a text input embedded by ImageBind (not the question)")
     media.add_argument("--weight", help="modality weights, e.g. image=0.4,audio=0.6 (default 1 each; normalised)")
-    media.add_argument("--adapter", help="official adapter file (7B.pth, 7B-pretrained.pth, 7B-beta.pth) for --model")
+    media.add_argument("--adapter", help="official adapter for --model: a path, or a registry name (7B.pth, "
+                                         "7B-pretrained.pth, 7B-beta.pth; see `weights list`)")
     media.add_argument("--weights", help="a folder saved by imagebind-llm (config.json + adapter.safetensors)")
-    media.add_argument("--imagebind", help="official ImageBind checkpoint (imagebind_w3D.pth or imagebind_huge.pth)")
+    media.add_argument("--imagebind", help="official ImageBind checkpoint: a path or a registry name "
+                                           "(imagebind_w3D.pth, imagebind_huge.pth)")
     media.add_argument("--imagebind-config", help="JSON file of ImageBindModel arguments for --imagebind "
                                                   "(default: huge, with the point branch iff the checkpoint has one)")
     media.add_argument("--phase", choices=["finetune", "pretrain"], default="finetune", help="adapter structure")
@@ -142,6 +145,10 @@ def _load_multimodal(args: argparse.Namespace):
         imagebind_config = ImageBindConfig.from_dict(json.loads(Path(args.imagebind_config).read_text()))
     sources = {name: getattr(args, name) for name in (*_MEDIA_FILES, "text") if getattr(args, name) is not None}
     media = load_media(sources, parse_weights(args.weight), dtype=dtype) if sources else None
+    if args.adapter:
+        args.adapter = fetch(args.adapter)  # a local path, or a registry name such as 7B.pth (downloaded once)
+    if args.imagebind:
+        args.imagebind = fetch(args.imagebind)
     if args.weights:
         model = load_pretrained(args.weights, args.model, args.imagebind, dtype=dtype, device=args.device)
     elif args.model or args.adapter:
@@ -226,9 +233,31 @@ def run_merge_delta(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_weights_command(subparsers: argparse._SubParsersAction) -> None:
+    """``imagebind-llm weights list|fetch``: the official files, downloaded with resume and checksums."""
+    p = subparsers.add_parser("weights", help="list or download the official ImageBind / ImageBind-LLM files")
+    sub = p.add_subparsers(dest="weights_command", required=True)
+    sub.add_parser("list", help="the known files, their sizes and whether they are cached").set_defaults(
+        func=lambda args: print(format_weights_table()) or 0)
+    f = sub.add_parser("fetch", help="download a file (registry name or URL) into the cache, resuming if interrupted")
+    f.add_argument("source", help="registry name (see `weights list`), URL, or local path")
+    f.add_argument("--cache-dir", help="download folder (default $IMAGEBIND_LLM_CACHE or ~/.cache/imagebind_llm)")
+    f.add_argument("--sha256", help="expected SHA-256 of the file")
+    f.set_defaults(func=run_weights_fetch)
+
+
+def run_weights_fetch(args: argparse.Namespace) -> int:
+    try:
+        print(fetch(args.source, args.cache_dir, sha256=args.sha256))
+    except DownloadError as e:
+        print(f"imagebind-llm weights: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
 # One entry per subcommand (or group of subcommands).
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], object]] = [
-    add_chat_command, add_ask_command, add_merge_delta_command, add_cache_subcommands,
+    add_chat_command, add_ask_command, add_merge_delta_command, add_weights_command, add_cache_subcommands,
 ]
 
 

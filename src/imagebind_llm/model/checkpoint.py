@@ -88,7 +88,7 @@ def read_adapter_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"adapter checkpoint {path} does not exist; download it with "
-                                f"`imagebind-llm weights fetch 7B` or pass the path of a local copy")
+                                f"`imagebind-llm weights fetch 7B.pth` or pass the path of a local copy")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # torch raises many types for corrupt files
