@@ -59,3 +59,42 @@ def test_merge_delta_adds_in_float_and_stores_half(tmp_path):
     assert merged["w"].dtype == torch.float16
     assert merged["w"].tolist() == torch.tensor([1.5, 0.0, 3.0001]).half().tolist()
     assert (out / BASE_MARKER).is_file()
+
+
+def test_hf_base_gives_the_same_model_as_meta(released, tmp_path):
+    from imagebind_llm.llm.weights.hf import save_hf
+    from imagebind_llm.llm.weights.meta import load_meta_state_dict
+
+    hf_dir = tmp_path / "hf"
+    config, state = load_meta_state_dict(ADAPTER / "llama" / "base")
+    save_hf(hf_dir, state, config)
+    (hf_dir / "tokenizer.model").write_bytes((ADAPTER / "llama" / "tokenizer.model").read_bytes())
+    base = from_official(ADAPTER / "llama" / "base", None, released.encoder, phase="pretrain")
+    from_hf = from_official(hf_dir, None, released.encoder, phase="pretrain")
+    tokens = torch.tensor([IO["results"]["finetune"]["prompt_ids"].tolist()])
+    with torch.no_grad():
+        torch.testing.assert_close(from_hf(tokens), base(tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_legacy_bind_network_adapter_round_trips(released):
+    from imagebind_llm.model.imagebind_llm import AdapterConfig, ImageBindLLM
+    from imagebind_llm.llm.model import Transformer
+
+    torch.manual_seed(0)
+    legacy = ImageBindLLM(Transformer(released.llm.config), None, AdapterConfig(feature_dim=32, legacy_bind=True))
+    exported = legacy.official_adapter_state_dict()
+    assert "image_bind_norm_1.bias" in exported and "image_bind_f1_1.bias" in exported
+    again = from_official(ADAPTER / "llama" / "base", exported, None)
+    assert again.config.legacy_bind
+    features = torch.randn(2, 1, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(again.bind(features), legacy.bind(features), atol=0, rtol=0)
+    with pytest.raises(CheckpointMismatchError, match="legacy_bind=True"):
+        released.load_adapter(exported)
+
+
+def test_stream_pieces_concatenate_to_the_generated_text(released):
+    media = {"image": (INPUTS["vision"], 1.0)}
+    prompt = "Describe the image in detail."
+    text = released.generate([prompt], media, temperature=0, max_new_tokens=16)[0].text
+    assert "".join(released.stream(prompt, media, temperature=0, max_new_tokens=16)) == text

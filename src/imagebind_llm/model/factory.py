@@ -80,7 +80,12 @@ def from_official(llm_path: str | Path, adapter: str | Path | Mapping[str, torch
     loaded.model.config.max_seq_len = max_seq_len
     official = None if adapter is None else (dict(adapter) if isinstance(adapter, Mapping) else read_adapter_file(adapter))
     encoder = _encoder(imagebind, imagebind_config, dtype, device)
-    feature_dim = encoder.config.out_embed_dim if encoder is not None else 1024
+    if encoder is not None:
+        feature_dim = encoder.config.out_embed_dim
+    elif official is not None and "image_bind_proj.weight" in official:
+        feature_dim = official["image_bind_proj.weight"].shape[1]
+    else:
+        feature_dim = AdapterConfig().feature_dim
     config = AdapterConfig(feature_dim=feature_dim, phase=phase,
                            legacy_bind=is_legacy_bind(official) if official is not None else False)
     model = ImageBindLLM(loaded.model, encoder, config,
