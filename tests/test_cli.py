@@ -72,9 +72,15 @@ def test_unknown_format_is_one_line(capsys, tmp_path):
     assert "holds no supported weights (found: weights.bin)" in line and "params.json" in line
 
 
-def test_mismatched_weights_are_one_line(capsys, tmp_path):
+def tiny_hf_model(path: Path) -> None:
+    """A random 1-layer model in Hugging Face layout, with the fixture's SentencePiece tokenizer."""
     config = LLMConfig(vocab_size=300, dim=64, n_layers=1, n_heads=4, hidden_dim=96)
-    save_hf(tmp_path, Transformer(config).state_dict(), config)
+    save_hf(path, Transformer(config).state_dict(), config)
+    (path / "tokenizer.model").write_bytes((Path(__file__).parent / "fixtures/adapter/llama/tokenizer.model").read_bytes())
+
+
+def test_mismatched_weights_are_one_line(capsys, tmp_path):
+    tiny_hf_model(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "hidden_size": 32, "head_dim": 8}))
     line = error_line(capsys, ["chat", "hi", "--model", str(tmp_path)])
@@ -82,10 +88,7 @@ def test_mismatched_weights_are_one_line(capsys, tmp_path):
 
 
 def test_bad_sampling_option_is_one_line(capsys, tmp_path):
-    config = LLMConfig(vocab_size=300, dim=64, n_layers=1, n_heads=4, hidden_dim=96)
-    save_hf(tmp_path, Transformer(config).state_dict(), config)
-    tokenizer = Path(__file__).parent / "fixtures" / "adapter" / "llama" / "tokenizer.model"
-    (tmp_path / "tokenizer.model").write_bytes(tokenizer.read_bytes())
+    tiny_hf_model(tmp_path)
     line = error_line(capsys, ["chat", "hi", "--model", str(tmp_path), "--temperature", "-1"])
     assert "temperature=-1.0 must be >= 0" in line
     # ... and the same tiny model answers (Alpaca template, as it ships no chat template).

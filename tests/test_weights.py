@@ -211,6 +211,7 @@ def edit_json(path: Path, **changes) -> None:
 def test_mismatched_weights_name_the_tensor(reference, tmp_path):
     state, _ = reference
     save_hf(tmp_path / "hf", state, CONFIG)
+    shutil.copy(LLAMA_DIR / "tokenizer.model", tmp_path / "hf" / "tokenizer.model")
     edit_json(tmp_path / "hf" / "config.json", intermediate_size=256)
     with pytest.raises(CheckpointMismatchError, match=r"\(model\.layers\.0\.mlp\.down_proj\.weight\): tensor "
                        r"'layers\.0\.feed_forward\.w2\.weight' has shape \[64, 192\] but the config expects \[64, 256\]"):
@@ -249,15 +250,19 @@ def test_unknown_formats_and_missing_paths(tmp_path):
     hf = tmp_path / "hf"
     hf.mkdir()
     save_file({"x": torch.zeros(1)}, str(hf / "model.safetensors"))
+    shutil.copy(LLAMA_DIR / "tokenizer.model", hf / "tokenizer.model")
     (hf / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(WeightsFormatError, match="model_type 'gpt2' is not supported"):
         load_llm(hf)
 
 
-def test_meta_missing_tokenizer(reference, tmp_path):
+def test_missing_tokenizer(reference, tmp_path):
     state, _ = reference
     save_meta(tmp_path / "7B", state, CONFIG)
     with pytest.raises(FileNotFoundError, match="no tokenizer.model"):
         load_llm(tmp_path / "7B")
+    save_hf(tmp_path / "hf", state, CONFIG)
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json or tokenizer.model in .*hf; copy the model's"):
+        load_llm(tmp_path / "hf")
     shutil.copy(LLAMA_DIR / "tokenizer.model", tmp_path / "tokenizer.model")
     assert load_llm(tmp_path / "7B").tokenizer.vocab_size == 300

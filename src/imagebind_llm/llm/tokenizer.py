@@ -438,7 +438,7 @@ def load_tokenizer(path: str | Path) -> BaseTokenizer:
         return HFTokenizer.from_dir(path)
     if (path / "tokenizer.model").is_file():
         return SentencePieceTokenizer(path / "tokenizer.model", chat_template=_dir_chat_template(path))
-    raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {path}")
+    raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {path}; copy the model's tokenizer files there")
 
 
 def _dir_chat_template(path: Path) -> str | None:

@@ -133,12 +133,11 @@ def load_llm(path: str | Path | None = None, *, dtype: torch.dtype = torch.float
             tokenizer: BaseTokenizer = HFTokenizer.from_gguf_metadata(metadata)
         else:  # a vocabulary type we do not rebuild: use the model's tokenizer file next to the GGUF
             tokenizer = _tokenizer_next_to(path, metadata.get("tokenizer.ggml.model"))
-    elif fmt == "hf":
-        config, state = load_hf_state_dict(path, dtype=dtype, device=device)
-        model, tokenizer = build_model(config, state, path), load_tokenizer(path)
-    else:
-        config, state = load_meta_state_dict(path, dtype=dtype, device=device)
-        model, tokenizer = build_model(config, state, path), _meta_tokenizer(path)
+    else:  # the tokenizer first: a missing one fails before the (slow) weights are read
+        tokenizer = load_tokenizer(path) if fmt == "hf" else _meta_tokenizer(path)
+        loader = load_hf_state_dict if fmt == "hf" else load_meta_state_dict
+        config, state = loader(path, dtype=dtype, device=device)
+        model = build_model(config, state, path)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise CheckpointMismatchError(
             f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size} "
