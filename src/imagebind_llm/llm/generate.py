@@ -195,7 +195,11 @@ class _RowText:
         return self._emit(len(text) - held)
 
     def flush(self) -> str:
-        return self._emit(len(self.result.text)) if self.result.text is not None else ""
+        """Emit the rest at the end of the row, minus a character whose bytes were cut off by the stop."""
+        if self.result.text is None:
+            return ""
+        self.result.text = self.result.text.rstrip("\ufffd")
+        return self._emit(len(self.result.text))
 
     def _emit(self, end: int) -> str:
         piece = self.result.text[self._emitted : end] if end > self._emitted else ""
@@ -266,6 +270,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, tokenizer:
         if all(row.done for row in rows):
             steps.close()
             break
+    for row in rows:
+        row.flush()
     return [row.result for row in rows]
 
 
