@@ -1,0 +1,139 @@
+"""Training checkpoints: trainable weights + optimizer + position + RNG, written atomically; and exports.
+
+A checkpoint is one file ``output_dir/checkpoints/step-NNNNNNN.pt`` holding::
+
+    {"step", "epoch", "phase", "config",          # position: optimiser steps done (data order is a
+     "trainable": {name: tensor},                  #   function of (seed, epoch), so the step locates it)
+     "optimizer": {...}, "rng": [per-rank states]}
+
+It is written to a temporary file and renamed, then ``latest.json`` is replaced the same way, so a crash
+never leaves a truncated checkpoint behind the pointer. Frozen weights (the base LLM, ImageBind) are
+never saved. The state dicts come from ``torch.distributed.checkpoint.state_dict`` with full (unsharded)
+tensors, so the same file serves single-process, DDP and FSDP2 runs and any world size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
+)
+
+from imagebind_llm.model.factory import save_pretrained
+from imagebind_llm.model.imagebind_llm import ImageBindLLM
+from imagebind_llm.train import distributed
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+LATEST = "latest.json"
+_SAVE = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+_LOAD = StateDictOptions(full_state_dict=True, strict=False)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's torch, CUDA, numpy and Python RNG states (storable with ``weights_only`` loading)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                       "cached": float(cached)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    npy = state["numpy"]
+    np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached"]))
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(output_dir: str | Path, module: nn.Module, optimizer: torch.optim.Optimizer, *, step: int,
+                    epoch: int, phase: str, config: dict[str, Any]) -> Path | None:
+    """Write the checkpoint of ``step`` (collective: every process must call it); returns its path on rank 0."""
+    weights = get_model_state_dict(module, options=_SAVE)
+    optim_state = get_optimizer_state_dict(module, optimizer, options=_SAVE)
+    rngs = distributed.gather_objects(rng_state())
+    if not distributed.is_main():
+        return None
+    folder = Path(output_dir) / CHECKPOINT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step-{step:07d}.pt"
+    payload = {"step": step, "epoch": epoch, "phase": phase, "config": config, "trainable": weights,
+               "optimizer": optim_state, "rng": rngs}
+    _atomic(path, lambda tmp: torch.save(payload, tmp))
+    _atomic(folder / LATEST, lambda tmp: tmp.write_text(json.dumps({"step": step, "file": path.name})))
+    log.info("saved checkpoint %s", path)
+    return path
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def find_checkpoint(resume: str | Path) -> Path:
+    """A checkpoint file, or the latest one of a run folder (``output_dir`` or its ``checkpoints``)."""
+    resume = Path(resume)
+    if resume.is_file():
+        return resume
+    for folder in (resume / CHECKPOINT_DIR, resume):
+        if (folder / LATEST).is_file():
+            return folder / json.loads((folder / LATEST).read_text())["file"]
+    raise FileNotFoundError(f"no checkpoint at {resume}: pass a step-*.pt file or a run folder with "
+                            f"{CHECKPOINT_DIR}/{LATEST}")
+
+
+def load_checkpoint(resume: str | Path, module: nn.Module, optimizer: torch.optim.Optimizer,
+                    phase: str) -> dict[str, Any]:
+    """Restore weights, optimizer and this process's RNG state; returns the checkpoint (``step``, ``epoch``)."""
+    path = find_checkpoint(resume)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ckpt["phase"] != phase:
+        raise ValueError(f"{path} is a {ckpt['phase']} checkpoint; it cannot resume a {phase} run")
+    expected = set(get_model_state_dict(module, options=_SAVE))
+    if set(ckpt["trainable"]) != expected:
+        raise ValueError(f"{path} does not match the model's trainable weights (missing "
+                         f"{sorted(expected - set(ckpt['trainable']))[:3]}, unexpected "
+                         f"{sorted(set(ckpt['trainable']) - expected)[:3]}); resume with the same model config")
+    set_model_state_dict(module, ckpt["trainable"], options=_LOAD)
+    set_optimizer_state_dict(module, optimizer, ckpt["optimizer"], options=_LOAD)
+    rngs = ckpt["rng"]
+    if len(rngs) == distributed.world_size():
+        set_rng_state(rngs[distributed.rank()])
+    else:
+        log.warning("%s was written by %d processes, this run has %d: RNG states not restored",
+                    path, len(rngs), distributed.world_size())
+    log.info("resumed from %s (step %d)", path, ckpt["step"])
+    return ckpt
+
+
+def export(model: ImageBindLLM, output_dir: str | Path) -> dict[str, Path]:
+    """Write the trained adapter in the official layout (``adapter.pth`` = ``{'model': ...}``, loadable by the
+    official ``llama.load`` and by `ImageBindLLM.load_adapter`) and in ours (``pretrained/``, `save_pretrained`).
+
+    Call with full (unsharded) weights on the main process.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    official = output_dir / "adapter.pth"
+    state = {k: v.detach().cpu().clone() for k, v in model.official_adapter_state_dict().items()}
+    _atomic(official, lambda tmp: torch.save({"model": state}, tmp))
+    return {"official": official, "pretrained": save_pretrained(model, output_dir / "pretrained")}

@@ -1,0 +1,296 @@
+"""The training loop shared by both stages, and the pieces it is made of.
+
+Stage 1 and stage 2 differ only in what they build (the trainable set via the phase, the data, the
+defaults of their YAML); see ``recipes/``. One optimiser step (`train_step`) is::
+
+    lr = schedule(epoch + step_in_epoch / steps_per_epoch)        # set before the step, official
+    for each of accum_iter micro-batches: loss = module(**batch); (loss / accum_iter).backward()
+    optional clipping; AdamW step
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DataLoader
+
+from imagebind_llm.encoders import ImageBindConfig, load_official as load_official_encoder, read_state_dict
+from imagebind_llm.encoders.checkpoint import has_point_branch
+from imagebind_llm.llm.tokenizer import load_tokenizer
+from imagebind_llm.llm.weights import load_llm
+from imagebind_llm.model.checkpoint import CheckpointMismatchError, is_legacy_bind, read_adapter_file
+from imagebind_llm.model.imagebind_llm import AdapterConfig, ImageBindLLM
+from imagebind_llm.train import distributed
+from imagebind_llm.train.checkpoint import export, load_checkpoint, save_checkpoint
+from imagebind_llm.train.data import TrainDataset, batch_order, collate, steps_per_epoch
+from imagebind_llm.train.logging import ProgressLogger
+from imagebind_llm.train.optim import build_optimizer, scaled_lr
+from imagebind_llm.train.schedule import WarmupCosine
+
+log = logging.getLogger(__name__)
+
+MIX_EPS = 1e-6  # the official modality mix divides by (sum of weights + 1e-6), also for a single image
+
+
+# -------------------------------------------------------------------- the differentiable step
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Official loss: cross-entropy of ``logits [B, S, V]`` at position t against ``labels [B, S]`` at t+1,
+    label 0 ignored; a batch without any label gives a graph-connected zero."""
+    shifted_logits, shifted_labels = logits[:, :-1], labels[:, 1:]
+    if not (shifted_labels != 0).any():
+        return shifted_logits.mean() * 0.0
+    return F.cross_entropy(shifted_logits.reshape(-1, shifted_logits.shape[-1]).float(), shifted_labels.reshape(-1),
+                           ignore_index=0)
+
+
+class TrainStep(nn.Module):
+    """Batch -> loss, as one module so that DDP/FSDP see the encoder, bind network and decoder together.
+
+    Args:
+        model: the ImageBind-LLM model (its phase decides what trains).
+    """
+
+    def __init__(self, model: ImageBindLLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def visual(self, batch_size: int, has_media: torch.Tensor, images: torch.Tensor | None,
+               features: torch.Tensor | None) -> torch.Tensor | None:
+        """Bind output ``[B, 1, dim]`` for the rows with media (zeros elsewhere), or None without media.
+
+        ``images`` ``[M, 3, 224, 224]`` go through the frozen encoder; ``features`` ``[M, D]`` are its
+        precomputed L2-normalised outputs. ``M`` = number of True rows of ``has_media``.
+        """
+        if images is not None:
+            bound = self.model.encode_inputs({"image": (images, 1.0)})
+        elif features is not None:
+            mixed = features.float() * (1.0 / (1.0 + MIX_EPS))
+            bound = self.model.bind(mixed.to(self.model.bind.proj.weight.dtype).unsqueeze(1))
+        else:
+            return None
+        if len(bound) == batch_size:
+            return bound
+        rows = has_media.nonzero().squeeze(1)
+        return bound.new_zeros(batch_size, *bound.shape[1:]).index_copy(0, rows, bound)
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, has_media: torch.Tensor | None = None,
+                images: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
+        """Scalar loss for ``tokens``/``labels`` ``[B, S]`` (see `imagebind_llm.train.data.collate`)."""
+        if has_media is None:
+            has_media = torch.ones(len(tokens), dtype=torch.bool, device=tokens.device)
+        visual = self.visual(len(tokens), has_media, images, features)
+        mask = None if visual is None or bool(has_media.all()) else has_media
+        return lm_loss(self.model(tokens, visual, has_media=mask), labels)
+
+
+def enable_activation_checkpointing(model: ImageBindLLM) -> None:
+    """Recompute each decoder block's activations in the backward pass (`torch.utils.checkpoint`)."""
+    for block in model.llm.layers:
+        inner = block.forward
+
+        def forward(*args: Any, _inner=inner, **kwargs: Any) -> torch.Tensor:
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward
+
+
+def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Sequence[dict[str, torch.Tensor]],
+               *, device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
+               clip_grad: float | None = None) -> float:
+    """One optimiser step over ``micro_batches`` (gradient accumulation); returns their mean loss.
+
+    The learning rate must already be set (`WarmupCosine.apply`). Gradients are synchronised across
+    processes only on the last micro-batch.
+
+    Raises:
+        FloatingPointError: the loss is not finite (the official engine stops the run too).
+    """
+    device = torch.device(device)
+    optimizer.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=device)
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        if hasattr(module, "set_requires_gradient_sync"):  # FSDP2
+            module.set_requires_gradient_sync(last)
+        sync = module.no_sync() if hasattr(module, "no_sync") and not last else contextlib.nullcontext()
+        amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+        with sync, amp:
+            loss = module(**{k: v.to(device, non_blocking=True) for k, v in batch.items()})
+        (loss / len(micro_batches)).backward()
+        total += loss.detach().float()
+    mean = total.item() / len(micro_batches)
+    if not math.isfinite(mean):
+        raise FloatingPointError(f"loss is {mean}; stopping (lower optim.lr, or use train.precision=fp32)")
+    if clip_grad is not None:
+        torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], clip_grad)
+    optimizer.step()
+    return mean
+
+
+# -------------------------------------------------------------------- building the model
+def build_model(config: dict[str, Any], phase: str, *, need_encoder: bool, feature_dim: int | None = None
+                ) -> ImageBindLLM:
+    """The model of ``config['model']`` on the CPU, in ``phase``, with its initial adapter loaded.
+
+    Args:
+        need_encoder: load ImageBind (False when training from a feature store).
+        feature_dim: ImageBind output width when the encoder is not loaded.
+    """
+    cfg = config["model"]
+    loaded = load_llm(cfg["llm"])
+    loaded.model.config.max_seq_len = cfg["max_seq_len"]
+    tokenizer = load_tokenizer(cfg["tokenizer"]) if cfg["tokenizer"] else loaded.tokenizer
+    encoder = _encoder(cfg) if need_encoder else None
+    adapter = _read_adapter(cfg["adapter"]) if cfg["adapter"] else None
+    legacy = adapter is not None and adapter[0] == "official" and is_legacy_bind(adapter[1])
+    dim = encoder.config.out_embed_dim if encoder is not None else feature_dim
+    if dim is None:
+        raise ValueError("feature_dim is needed when the model is built without an encoder")
+    model = ImageBindLLM(loaded.model, encoder, AdapterConfig(feature_dim=dim, phase=phase, lora_rank=cfg["lora_rank"],
+                                                              inject_layers=cfg["inject_layers"], legacy_bind=legacy),
+                         tokenizer=tokenizer)
+    if adapter is not None:
+        _load_adapter(model, *adapter)
+    return model
+
+
+def _encoder(cfg: dict[str, Any]) -> nn.Module:
+    if not cfg["imagebind"]:
+        raise ValueError("this run encodes images, so it needs model.imagebind (an ImageBind checkpoint such as "
+                         "imagebind_w3D.pth); stage 1 can instead train from data.features")
+    state = read_state_dict(cfg["imagebind"])
+    config = None
+    if cfg["imagebind_config"]:
+        fields = json.loads(Path(cfg["imagebind_config"]).read_text())
+        fields = fields.get("ImageBindModel_kwargs", fields)
+        config = ImageBindConfig.from_dict({"with_point": has_point_branch(state), **fields})
+    return load_official_encoder(state, config)
+
+
+def _read_adapter(source: str) -> tuple[str, dict[str, torch.Tensor]]:
+    path = Path(source)
+    if path.is_dir():
+        if not (path / "adapter.safetensors").is_file():
+            raise FileNotFoundError(f"{path} has no adapter.safetensors; pass a save_pretrained folder or an "
+                                    "official adapter .pth")
+        return "ours", load_file(str(path / "adapter.safetensors"))
+    return "official", read_adapter_file(path)
+
+
+def _load_adapter(model: ImageBindLLM, kind: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Load an initial adapter; weights it lacks (e.g. stage-2 LoRA in a stage-1 file) keep their init."""
+    if kind == "official":
+        missing = model.load_adapter(tensors)
+    else:
+        params = dict(model.named_parameters())
+        unexpected = sorted(set(tensors) - set(params))
+        if unexpected:
+            raise CheckpointMismatchError(f"adapter tensors unknown to this model: {unexpected[:5]}")
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                params[name].copy_(tensor)
+        missing = sorted(set(model.adapter_parameter_names()) - set(tensors))
+    if missing:
+        log.info("initial adapter lacks %d tensors (kept at their init), e.g. %s", len(missing), missing[:3])
+
+
+# -------------------------------------------------------------------- the loop
+@dataclass
+class TrainResult:
+    """What a run did: ``losses`` of the optimiser steps it ran (from ``start_step`` on), ``lrs`` likewise,
+    the step it stopped at, and where it wrote the checkpoint and exports (main process)."""
+
+    model: ImageBindLLM
+    start_step: int
+    step: int
+    losses: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    checkpoint: Path | None = None
+    exports: dict[str, Path] = field(default_factory=dict)
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+def train(config: dict[str, Any], model: ImageBindLLM, dataset: TrainDataset, device: torch.device,
+          resume: str | Path | None = None) -> TrainResult:
+    """Train ``model`` (already in its phase) on ``dataset`` as ``config`` says; see the module doc.
+
+    Stops at the end of ``train.epochs`` or after ``train.max_steps`` optimiser steps (a stop before the
+    end writes a checkpoint that ``resume`` continues exactly); exports only at the end of the schedule.
+    """
+    optim_cfg, train_cfg = config["optim"], config["train"]
+    phase = model.config.phase
+    rank, world = distributed.rank(), distributed.world_size()
+    torch.manual_seed(train_cfg["seed"] + rank)
+
+    model.to(device)
+    if train_cfg["activation_checkpointing"]:
+        enable_activation_checkpointing(model)
+    amp_dtype = torch.bfloat16 if train_cfg["precision"] == "bf16" and device.type == "cuda" else None
+    text_only = any(ex.image is None for ex in dataset.examples) and dataset.text_only == "no_injection"
+    module = distributed.wrap(TrainStep(model), train_cfg["distributed"], device, blocks=list(model.llm.layers),
+                              find_unused_parameters=text_only, param_dtype=amp_dtype)
+
+    accum, batch_size = optim_cfg["accum_iter"], train_cfg["batch_size"]
+    global_batch = batch_size * accum * world
+    lr = optim_cfg["lr"] if optim_cfg["lr"] is not None else scaled_lr(optim_cfg["blr"], global_batch)
+    optimizer = build_optimizer(module, lr, optim_cfg["weight_decay"], optim_cfg["betas"], optim_cfg["eps"])
+    schedule = WarmupCosine(lr, optim_cfg["min_lr"], optim_cfg["warmup_epochs"], train_cfg["epochs"])
+    per_epoch = steps_per_epoch(len(dataset), batch_size, world, accum)
+    total = per_epoch * train_cfg["epochs"]
+    stop = total if train_cfg["max_steps"] is None else min(total, train_cfg["max_steps"])
+    log.info("%s: %d examples, %d steps/epoch x %d epochs, global batch %d, lr %.3e", phase, len(dataset),
+             per_epoch, train_cfg["epochs"], global_batch, lr)
+
+    step = 0
+    if resume is not None:
+        step = load_checkpoint(resume, module, optimizer, phase)["step"]
+    result = TrainResult(model=model, start_step=step, step=step)
+    logger = ProgressLogger(train_cfg["output_dir"], stop, step, log_every=train_cfg["log_every"],
+                            enabled=distributed.is_main(), progress=train_cfg["progress"],
+                            tensorboard=train_cfg["tensorboard"])
+    module.train()
+    try:
+        while step < stop:
+            epoch, in_epoch = divmod(step, per_epoch)
+            order = batch_order(len(dataset), batch_size=batch_size, world_size=world, rank=rank, accum_iter=accum,
+                                seed=train_cfg["seed"], epoch=epoch, start_step=in_epoch)
+            loader = iter(DataLoader(dataset, batch_sampler=list(order), collate_fn=collate,
+                                     num_workers=config["data"]["num_workers"], pin_memory=device.type == "cuda"))
+            for in_epoch in range(in_epoch, per_epoch):
+                micro = [next(loader) for _ in range(accum)]
+                step_lr = schedule.apply(optimizer, epoch + in_epoch / per_epoch)
+                loss = train_step(module, optimizer, micro, device=device, amp_dtype=amp_dtype,
+                                  clip_grad=optim_cfg["clip_grad"])
+                step += 1
+                loss = float(distributed.mean(torch.tensor(loss, device=device)))
+                result.losses.append(loss)
+                result.lrs.append(step_lr)
+                tokens = sum(int((b["tokens"] != 0).sum()) for b in micro) * world
+                logger.step(step, epoch + (in_epoch + 1) / per_epoch, loss, step_lr, global_batch, tokens)
+                if step % train_cfg["save_every"] == 0 or step == stop:
+                    result.checkpoint = save_checkpoint(train_cfg["output_dir"], module, optimizer, step=step,
+                                                        epoch=epoch, phase=phase, config=config)
+                if step == stop:
+                    break
+    finally:
+        logger.close()
+    result.step, result.records = step, logger.records
+    if step == total:
+        with distributed.full_parameters(module):
+            if distributed.is_main():
+                result.exports = export(model, train_cfg["output_dir"])
+        distributed.barrier()
+    return result
+
