@@ -29,6 +29,27 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 _EXIT_COMMANDS = ("/exit", "/quit")
 
 
+def _add_generation_args(p: argparse.ArgumentParser, *, temperature: float, top_p: float | None) -> None:
+    """Sampling, dtype and device options (shared by ``chat`` and ``ask``)."""
+    p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit in tokens")
+    p.add_argument("--temperature", type=float, default=temperature, help="sampling temperature; 0 is greedy")
+    p.add_argument("--top-p", type=float, default=top_p, help="nucleus sampling probability mass")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL repetition penalty (1 disables)")
+    p.add_argument("--seed", type=int, help="random seed for sampling")
+    p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="parameter dtype")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, repetition_penalty=args.repetition_penalty)
+    if args.seed is not None:
+        sampling["generator"] = torch.Generator(device=args.device).manual_seed(args.seed)
+    return sampling
+
+
 def add_chat_command(subparsers: argparse._SubParsersAction) -> None:
     """``imagebind-llm chat [PROMPT]``: answer one prompt, or chat interactively when none is given."""
     p = subparsers.add_parser(
@@ -43,15 +64,7 @@ def add_chat_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--template", choices=["model", "alpaca", "chatml", "llama2"],
                    help="prompt template (default: the model's own chat template, else alpaca)")
     p.add_argument("--system", help="system message")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit in tokens")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
-    p.add_argument("--top-p", type=float, help="nucleus sampling probability mass")
-    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL repetition penalty (1 disables)")
-    p.add_argument("--seed", type=int, help="random seed for sampling")
-    p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="parameter dtype")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    _add_generation_args(p, temperature=0.0, top_p=None)
     _add_media_args(p)
     p.set_defaults(func=run_chat)
 
@@ -60,8 +73,7 @@ def run_chat(args: argparse.Namespace) -> int:
     from imagebind_llm.llm.chat import ChatSession, choose_template
     from imagebind_llm.llm.weights import load_llm
 
-    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, repetition_penalty=args.repetition_penalty)
+    sampling = _sampling(args)
     if _wants_multimodal(args):  # the media feature stays injected for the whole conversation
         model, media, options = _load_multimodal(args)
         decoder, tokenizer = model.llm, model.tokenizer
@@ -73,8 +85,6 @@ def run_chat(args: argparse.Namespace) -> int:
         llm = load_llm(args.model, dtype=_DTYPES[args.dtype], device=args.device)
         decoder, tokenizer, name, fmt = llm.model, llm.tokenizer, llm.path.name, llm.format
     session = ChatSession(decoder, tokenizer, choose_template(args.template, tokenizer), system=args.system)
-    if args.seed is not None:
-        sampling["generator"] = torch.Generator(device=args.device).manual_seed(args.seed)
     if args.prompt is not None:
         _answer(session, args.prompt, args.stream, sampling)
         return 0
@@ -184,13 +194,7 @@ def add_ask_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="base LLM: Meta folder (e.g. llama_dir/7B_chinese), HF folder or .gguf; "
                                    "default: embedded SmolLM2")
     _add_media_args(p)
-    p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit in tokens")
-    p.add_argument("--temperature", type=float, default=0.1, help="sampling temperature; 0 is greedy")
-    p.add_argument("--top-p", type=float, default=0.75, help="nucleus sampling probability mass")
-    p.add_argument("--seed", type=int, help="random seed for sampling")
-    p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="parameter dtype")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    _add_generation_args(p, temperature=0.1, top_p=0.75)  # the official ImageBind-LLM defaults
     p.set_defaults(func=run_ask)
 
 
@@ -200,10 +204,7 @@ def run_ask(args: argparse.Namespace) -> int:
     model, media, options = _load_multimodal(args)
     template = choose_template("alpaca" if args.adapter or args.weights else None, model.tokenizer)
     prompt = template.render([{"role": "user", "content": args.question}])
-    options.update(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   stop_strings=("### Instruction:",))
-    if args.seed is not None:
-        options["generator"] = torch.Generator(device=args.device).manual_seed(args.seed)
+    options.update(_sampling(args), stop_strings=("### Instruction:",))
     if args.stream:
         for piece in model.stream(prompt, media, **options):
             print(piece, end="", flush=True)

@@ -23,6 +23,8 @@ from typing import Mapping
 
 import torch
 
+from imagebind_llm.llm.weights.common import CheckpointMismatchError
+
 _BIND_RULES = [
     (re.compile(r"^image_bind_proj\.(weight|bias)$"), lambda m: f"bind.proj.{m[1]}"),
     (re.compile(r"^image_bind_norm_(\d+)\.(weight|bias)$"), lambda m: f"bind.blocks.{int(m[1]) - 1}.norm.{m[2]}"),
@@ -33,10 +35,6 @@ _LORA_OFFICIAL = re.compile(r"^llama\.layers\.(\d+)\.(attention|feed_forward)\.l
 _LORA_OURS = re.compile(r"^llm\.layers\.(\d+)\.(attention|feed_forward)\.(w[qkvo123])\.lora_([ab])\.weight$")
 _GATE_OFFICIAL = re.compile(r"^llama\.layers\.(\d+)\.attention\.gate$")
 _GATE_OURS = re.compile(r"^gates\.(\d+)$")
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint whose keys or shapes do not match the model it is loaded into."""
 
 
 def official_to_ours(name: str, first_injected_layer: int) -> str:
