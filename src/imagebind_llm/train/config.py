@@ -54,9 +54,20 @@ def load_config(stage: int, path: str | Path | None = None, overrides: Sequence[
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. optim.lr=1e-3")
-        _merge(config, _nest(key.strip().split("."), yaml.safe_load(value)), f"--set {item}")
+        _merge(config, _nest(key.strip().split("."), parse_value(value)), f"--set {item}")
     validate(config)
     return config
+
+
+def parse_value(text: str) -> Any:
+    """YAML scalar/list parsing, plus the floats YAML 1.1 leaves as strings (``1e-3``, ``5E4``)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _nest(keys: list[str], value: Any) -> dict[str, Any]:
