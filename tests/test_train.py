@@ -137,3 +137,24 @@ def test_stage2_from_the_stage1_adapter_follows_instructions(stage1_run, files, 
         image = load_images([str(files["root"] / f"{name}0.png")])
         out = model.generate([alpaca_prompt(COLOR_QUESTION)], {"image": (image, 1.0)}, temperature=0, max_new_tokens=16)
         assert out[0].text == name
+
+
+def test_interrupted_run_resumes_exactly(files, tmp_path):
+    """Stop after 4 of 9 steps (mid-epoch), resume from the run folder: same losses and final weights."""
+    def config(out: Path, **extra) -> dict:
+        return load_config(2, None, tiny_overrides([files["instruct"]], out, ADAPTER / "llama" / "base", **{
+            "data.image_root": files["root"], "model.adapter": ADAPTER / "adapter_pretrain.pth", "train.epochs": 3,
+            "optim.lr": 1e-2, "train.batch_size": 2, "train.save_every": 2, **extra}))
+
+    full = stage2.run(config(tmp_path / "full"))
+    first = stage2.run(config(tmp_path / "cut", **{"train.max_steps": 4}))
+    assert first.step == 4 and not first.exports
+    assert find_checkpoint(tmp_path / "cut").name == "step-0000004.pt"
+    rest = stage2.run(config(tmp_path / "cut"), resume=tmp_path / "cut")
+    assert rest.start_step == 4 and rest.step == 9 and rest.exports
+    torch.testing.assert_close(torch.tensor(first.losses + rest.losses), torch.tensor(full.losses), rtol=1e-6, atol=0)
+    assert first.lrs + rest.lrs == full.lrs
+    resumed = dict(rest.model.named_parameters())
+    for name, param in full.model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(resumed[name], param, rtol=1e-6, atol=1e-7, msg=name)

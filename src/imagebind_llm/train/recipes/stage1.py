@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from imagebind_llm.train import distributed
 from imagebind_llm.train.data import TrainDataset, image_sources, read_examples
 from imagebind_llm.train.features import FeatureStore
@@ -24,6 +26,7 @@ def run(config: dict[str, Any], resume: str | Path | None = None) -> TrainResult
     device = distributed.setup(train_cfg["device"])
     examples = read_examples(data["train"], data["image_root"])
     features = FeatureStore(data["features"], sources=image_sources(examples)) if data["features"] else None
+    torch.manual_seed(train_cfg["seed"])  # initialisations of the new adapter weights
     model = build_model(config, PHASE, need_encoder=features is None,
                         feature_dim=features.dim if features is not None else None)
     dataset = TrainDataset(examples, model.tokenizer, data["max_words"], caption_prompt=data["prompt"],

@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from imagebind_llm.train import distributed
 from imagebind_llm.train.data import DETAIL_PROMPT, TrainDataset, read_examples
 from imagebind_llm.train.loop import TrainResult, build_model, train
@@ -28,6 +30,7 @@ def run(config: dict[str, Any], resume: str | Path | None = None) -> TrainResult
     examples = read_examples(data["train"], data["image_root"])
     needs_images = data["text_only"] == "zero_image" or any(ex.image is not None for ex in examples)
     need_encoder = needs_images or bool(config["model"]["imagebind"])
+    torch.manual_seed(train_cfg["seed"])  # initialisations of the new adapter weights
     model = build_model(config, PHASE, need_encoder=need_encoder, feature_dim=None if need_encoder else 1024)
     dataset = TrainDataset(examples, model.tokenizer, data["max_words"], caption_prompt=DETAIL_PROMPT,
                            text_only=data["text_only"], seed=train_cfg["seed"])
