@@ -313,7 +313,7 @@ class TrainDataset(Dataset):
                                          self.max_words)
         item: dict[str, Any] = {"tokens": tokens, "labels": labels, "has_media": example.image is not None}
         if self.features is not None:
-            item["feature"] = torch.from_numpy(np.asarray(self.features[index], dtype=np.float32))
+            item["feature"] = torch.tensor(np.asarray(self.features[index]), dtype=torch.float32)
         elif example.image is not None:
             item["image"] = train_transform(read_image_bytes(example.image), generator)
         elif self.text_only == "zero_image":

@@ -1,0 +1,242 @@
+"""Training data formats, the official sample layout, batching order, configs and the feature store."""
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imagebind_llm.llm.templates import ALPACA_HEADER_WITH_INPUT, alpaca_prompt
+from imagebind_llm.llm.tokenizer import load_tokenizer
+from imagebind_llm.preprocess import load_images
+from imagebind_llm.train import ConfigError, load_config, stage1
+from imagebind_llm.train.data import (
+    CAPTION_PROMPT, DataFormatError, TrainDataset, batch_order, collate, image_sources, read_examples,
+)
+from imagebind_llm.train.features import FeatureStore, extract
+from imagebind_llm.train.loop import TrainStep
+from test_model import official_model, small_encoder
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TOKENIZER = load_tokenizer(FIXTURES / "adapter" / "llama" / "tokenizer.model")
+
+
+def write_image(path: Path, rgb=(200, 40, 40)) -> Path:
+    Image.fromarray(np.full((40, 50, 3), rgb, dtype=np.uint8)).save(path)
+    return path
+
+
+def decode_labels(labels: torch.Tensor) -> str:
+    return TOKENIZER.decode([int(t) for t in labels if t != 0], skip_special=True)
+
+
+def test_caption_sample_is_the_official_layout(tmp_path):
+    write_image(tmp_path / "a.png")
+    (tmp_path / "c.tsv").write_text("url\tcaption\na.png\ta red square\n")
+    dataset = TrainDataset(read_examples([tmp_path / "c.tsv"], tmp_path), TOKENIZER, max_words=400)
+    item = dataset[(0, 0)]
+    prompt = alpaca_prompt(CAPTION_PROMPT)
+    expected = TOKENIZER.encode(prompt + "a red square", bos=True, eos=True)
+    n_prompt = len(TOKENIZER.encode(prompt, bos=True))
+    assert item["tokens"].tolist() == expected
+    assert item["labels"].tolist() == [0] * n_prompt + expected[n_prompt:]
+    assert item["has_media"] and item["image"].shape == (3, 224, 224)
+    truncated = TrainDataset(dataset.examples, TOKENIZER, max_words=n_prompt + 2)[(0, 0)]
+    assert truncated["tokens"].tolist() == expected[: n_prompt + 2]  # truncation drops EOS, as official
+
+
+def test_caption_lists_pick_one_per_epoch_reproducibly(tmp_path):
+    write_image(tmp_path / "a.png")
+    (tmp_path / "c.csv").write_text('path,caption\na.png,"[""one cat"", ""two dogs"", ""three birds""]"\n')
+    dataset = TrainDataset(read_examples([tmp_path / "c.csv"], tmp_path), TOKENIZER, max_words=400, seed=3)
+    picks = [decode_labels(dataset[(epoch, 0)]["labels"]) for epoch in range(12)]
+    assert set(picks) == {"one cat", "two dogs", "three birds"}
+    again = TrainDataset(dataset.examples, TOKENIZER, max_words=400, seed=3)
+    assert picks == [decode_labels(again[(epoch, 0)]["labels"]) for epoch in range(12)]
+    torch.testing.assert_close(dataset[(1, 0)]["image"], again[(1, 0)]["image"])
+
+
+def test_jsonl_and_webdataset_shards(tmp_path):
+    (tmp_path / "c.jsonl").write_text(json.dumps({"image": "x.png", "caption": ["a", "b"]}) + "\n")
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((30, 30, 3), np.uint8)).save(buffer, format="JPEG")
+    with tarfile.open(tmp_path / "shard-0.tar", "w") as tar:
+        for name, data in [("s/000.jpg", buffer.getvalue()), ("s/000.txt", b"first caption"),
+                           ("s/001.jpg", buffer.getvalue()), ("s/001.json", b'{"caption": "second"}')]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    examples = read_examples([tmp_path / "c.jsonl", tmp_path / "shard-0.tar"], image_root="/data")
+    assert [ex.image for ex in examples] == ["/data/x.png", f"{tmp_path}/shard-0.tar::s/000.jpg",
+                                             f"{tmp_path}/shard-0.tar::s/001.jpg"]
+    assert [ex.captions for ex in examples] == [["a", "b"], ["first caption"], ["second"]]
+    item = TrainDataset(examples, TOKENIZER, max_words=400)[(0, 2)]
+    assert decode_labels(item["labels"]) == "second" and item["image"].shape == (3, 224, 224)
+
+
+def test_instruction_formats(tmp_path):
+    items = [
+        {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+        {"image": "coco/1.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "A dog."},
+            {"from": "human", "value": "What colour is it?"}, {"from": "gpt", "value": "Brown."}]},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Hello"}]},
+    ]
+    (tmp_path / "mix.json").write_text(json.dumps(items))
+    (tmp_path / "detail.json").write_text(json.dumps({"annotations": [{"image_id": "7", "caption": "A long story."}]}))
+    examples = read_examples([tmp_path / "mix.json", tmp_path / "detail.json"], image_root="/img")
+    dataset = TrainDataset(examples, TOKENIZER, max_words=1000)
+    alpaca, llava, chat, detail = (dataset.examples[i] for i in range(4))
+    assert alpaca.image is None and alpaca.input == "2 and 3"
+    assert llava.image == "/img/coco/1.jpg" and llava.turns == [("What is shown?", "A dog."),
+                                                                ("What colour is it?", "Brown.")]
+    assert chat.system == "Be brief." and chat.turns == [("Hi", "Hello")]
+    assert detail.image == "/img/7.jpg" and detail.captions == ["A long story."]
+
+    tokens = TrainDataset(examples[:1], TOKENIZER, max_words=1000)[(0, 0)]["tokens"]
+    prompt = alpaca_prompt("Add the numbers.", "2 and 3")
+    assert prompt.startswith(ALPACA_HEADER_WITH_INPUT)  # the instruction is a string, not the official 1-tuple
+    assert tokens.tolist() == TOKENIZER.encode(prompt + "5", bos=True, eos=True)
+    write_image(tmp_path / "1.jpg")
+    llava.image = str(tmp_path / "1.jpg")
+    item = dataset[(0, 1)]
+    second = "\n\n### Instruction:\nWhat colour is it?\n\n### Response:Brown."
+    assert item["tokens"].tolist() == (TOKENIZER.encode(alpaca_prompt("What is shown?") + "A dog.", bos=True, eos=True)
+                                       + TOKENIZER.encode(second, bos=False, eos=True))
+    answers = [TOKENIZER.decode(run) for run in _label_runs(item["labels"])]
+    assert answers == ["A dog.", "Brown."]  # loss on every assistant turn, each with its EOS
+    assert dataset[(0, 2)]["tokens"].tolist() == TOKENIZER.encode(
+        "Be brief.\n\n### Instruction:\nHi\n\n### Response:Hello", bos=True, eos=True)
+
+
+def _label_runs(labels: torch.Tensor) -> list[list[int]]:
+    runs, current = [], []
+    for t in labels.tolist() + [0]:
+        if t:
+            current.append(t)
+        elif current:
+            runs.append(current)
+            current = []
+    assert all(run[-1] == TOKENIZER.eos_id for run in runs)
+    return [run[:-1] for run in runs]
+
+
+@pytest.mark.parametrize("text_only", ["no_injection", "zero_image"])
+def test_text_only_samples(tmp_path, text_only):
+    (tmp_path / "a.json").write_text(json.dumps([{"instruction": "Hi", "output": "Hello"}]))
+    item = TrainDataset(read_examples([tmp_path / "a.json"]), TOKENIZER, 100, text_only=text_only)[(0, 0)]
+    if text_only == "no_injection":
+        assert not item["has_media"] and "image" not in item
+    else:
+        assert item["has_media"] and torch.equal(item["image"], torch.zeros(3, 224, 224))
+
+
+def test_collate_pads_and_keeps_media_rows():
+    items = [{"tokens": torch.tensor([1, 5, 6]), "labels": torch.tensor([0, 0, 6]), "has_media": False},
+             {"tokens": torch.tensor([1, 7]), "labels": torch.tensor([0, 7]), "has_media": True,
+              "image": torch.ones(3, 224, 224)}]
+    batch = collate(items)
+    assert batch["tokens"].tolist() == [[1, 5, 6], [1, 7, 0]] and batch["labels"].tolist() == [[0, 0, 6], [0, 7, 0]]
+    assert batch["has_media"].tolist() == [False, True] and batch["images"].shape == (1, 3, 224, 224)
+
+
+def test_text_only_rows_get_no_injection():
+    model = official_model("finetune", None)
+    tokens = torch.tensor([[1, 20, 30, 40], [1, 50, 60, 70]])
+    labels = torch.tensor([[0, 0, 30, 40], [0, 0, 60, 70]])
+    feature = torch.nn.functional.normalize(torch.randn(1, 32), dim=-1)
+    step = TrainStep(model)
+    with torch.no_grad():
+        mixed = step(tokens, labels, torch.tensor([True, False]), features=feature)
+        logits = model.llm(tokens[1:])
+    plain = torch.nn.functional.cross_entropy(logits[0, :-1], labels[1, 1:], reduction="none")[1:]
+    with torch.no_grad():
+        media = model(tokens[:1], model.bind(feature.unsqueeze(1) / (1 + 1e-6)))
+    with_media = torch.nn.functional.cross_entropy(media[0, :-1], labels[0, 1:], reduction="none")[1:]
+    torch.testing.assert_close(mixed, torch.cat([with_media, plain]).mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_processes_see_the_chunks_of_one_process_with_accumulation():
+    single = list(batch_order(20, batch_size=2, world_size=1, rank=0, accum_iter=2, seed=1, epoch=3))
+    ranks = [list(batch_order(20, batch_size=2, world_size=2, rank=r, accum_iter=1, seed=1, epoch=3)) for r in (0, 1)]
+    assert single[0::2] == ranks[0] and single[1::2] == ranks[1]
+    assert sorted(i for b in single for _, i in b) == list(range(20))
+    assert list(batch_order(20, batch_size=2, world_size=1, rank=0, accum_iter=2, seed=1, epoch=3, start_step=3)) \
+        == single[6:]
+    assert single != list(batch_order(20, batch_size=2, world_size=1, rank=0, accum_iter=2, seed=1, epoch=4))
+
+
+def test_config_defaults_overrides_and_errors(tmp_path):
+    stage1_cfg, stage2_cfg = load_config(1), load_config(2)
+    assert (stage1_cfg["optim"]["blr"], stage1_cfg["optim"]["weight_decay"], stage1_cfg["data"]["max_words"]) \
+        == (1e-4, 0.05, 96)
+    assert (stage2_cfg["optim"]["blr"], stage2_cfg["optim"]["weight_decay"], stage2_cfg["data"]["max_words"]) \
+        == (1e-3, 0.02, 512)
+    assert stage1_cfg["optim"]["betas"] == [0.9, 0.95] and stage1_cfg["optim"]["clip_grad"] is None
+    (tmp_path / "my.yaml").write_text("optim:\n  lr: 0.5\ndata:\n  train: a.tsv\n")
+    cfg = load_config(1, tmp_path / "my.yaml", ["optim.lr=1e-3", "data.train=[x.tsv,y.tar]", "train.max_steps=7"])
+    assert cfg["optim"]["lr"] == 1e-3 and cfg["data"]["train"] == ["x.tsv", "y.tar"] and cfg["train"]["max_steps"] == 7
+    with pytest.raises(ConfigError, match="optim.lrr"):
+        load_config(1, None, ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="choose one of"):
+        load_config(2, None, ["data.text_only=grey"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(2, None, ["optim.lr"])
+    (tmp_path / "s2.yaml").write_text("stage: 2\n")
+    with pytest.raises(ConfigError, match="train stage2"):
+        load_config(1, tmp_path / "s2.yaml")
+
+
+def test_bad_data_is_a_clear_error(tmp_path):
+    (tmp_path / "a.tsv").write_text("file\tcaption\nx.png\thi\n")
+    with pytest.raises(DataFormatError, match="image column"):
+        read_examples([tmp_path / "a.tsv"])
+    (tmp_path / "b.json").write_text(json.dumps([{"question": "?"}]))
+    with pytest.raises(DataFormatError, match=r"b.json\[0\]: unknown item format"):
+        read_examples([tmp_path / "b.json"])
+    with pytest.raises(FileNotFoundError, match="missing.tsv"):
+        read_examples([tmp_path / "missing.tsv"])
+    with pytest.raises(DataFormatError, match="unsupported"):
+        read_examples([Path(__file__)])
+
+
+def test_feature_store_trains_stage1_without_the_encoder(tmp_path):
+    rows = ["url\tcaption"]
+    for i, rgb in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]):
+        write_image(tmp_path / f"{i}.png", rgb)
+        rows.append(f"{i}.png\tcolour {i}")
+    (tmp_path / "c.tsv").write_text("\n".join(rows) + "\n")
+    examples = read_examples([tmp_path / "c.tsv"], tmp_path)
+    model = official_model("pretrain", small_encoder())
+    sources = image_sources(examples)
+    assert extract(model, sources, tmp_path / "feats", shard_size=3, batch_size=2, progress=False) == [0, 1]
+    assert extract(model, sources, tmp_path / "feats", shard_size=3, progress=False) == []  # resumable: all done
+    store = FeatureStore(tmp_path / "feats", sources)
+    images = load_images(sources)
+    with torch.no_grad():
+        expected = model.embed_modality("image", images)
+    torch.testing.assert_close(torch.from_numpy(np.stack([store[i] for i in range(4)])), expected)
+
+    item = TrainDataset(examples, TOKENIZER, 400, features=store)[(0, 1)]
+    batch = collate([item, TrainDataset(examples, TOKENIZER, 400, features=store)[(0, 2)]])
+    step = TrainStep(model)
+    with torch.no_grad():
+        from_features = step(batch["tokens"], batch["labels"], batch["has_media"], features=batch["features"])
+        from_images = step(batch["tokens"], batch["labels"], batch["has_media"], images=images[1:3])
+    torch.testing.assert_close(from_features, from_images, rtol=1e-5, atol=1e-6)
+
+    config = load_config(1, None, [
+        f"model.llm={FIXTURES / 'adapter' / 'llama' / 'base'}", f"data.train=[{tmp_path / 'c.tsv'}]",
+        f"data.image_root={tmp_path}", f"data.features={tmp_path / 'feats'}", "data.max_words=400",
+        "data.num_workers=0", "train.device=cpu", "train.progress=false", f"train.output_dir={tmp_path / 'run'}",
+        "train.batch_size=2", "train.epochs=6", "optim.lr=1e-2", "optim.warmup_epochs=1"])
+    result = stage1.run(config)
+    assert result.model.encoder is None and result.model.config.feature_dim == 32
+    assert np.mean(result.losses[-2:]) < np.mean(result.losses[:2])
+    with pytest.raises(ValueError, match="other images"):
+        FeatureStore(tmp_path / "feats", sources[::-1])
