@@ -148,6 +148,19 @@ def test_sq8_blends_from_kept_vectors_not_codes(bank, keep, tol):
     np.testing.assert_allclose(cache(q), blend_over_ids(bank, q, ids, 20.0, 0.5), atol=tol)
 
 
+def test_sq8_candidates_are_reranked_exactly(bank):
+    """8-bit codes mis-order close neighbours; re-ranking refine*k candidates with the kept float32
+    copy restores the exact top-k (all lists probed, so only quantisation can lose neighbours)."""
+    q = bank[100:300] * 0.9 + 0.1 * bank[300:500]
+    truth = np.argsort(-(q @ bank.T), axis=1)[:, :10]
+    plain = FeatureCache.from_vectors(bank, factory="IVF32,SQ8", nprobe=32, keep_vectors=None)
+    refined = FeatureCache.from_vectors(bank, factory="IVF32,SQ8", nprobe=32, keep_vectors="float32")
+    assert recall_at_k(plain.search(q, 10)[1], truth) < 0.99
+    sims, ids = refined.search(q, 10)
+    assert recall_at_k(ids, truth) == 1.0
+    np.testing.assert_allclose(sims, np.take_along_axis(q @ bank.T, ids, 1), atol=1e-5)
+
+
 def test_ivf_recall_small_clustered():
     """Fast variant of the 100k test: 20k clustered unit vectors of dim 64 (real image features are
     clustered; uniform random unit vectors are IVF's worst case and are measured in bench/cache.py)."""

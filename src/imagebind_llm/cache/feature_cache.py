@@ -81,6 +81,7 @@ class CacheMeta:
     metric: str = "ip"
     vectors_dtype: str | None = None  # dtype of vectors.npy, None when the blend reconstructs from the index
     nprobe: int | None = None
+    refine: int = 4  # with a kept vector copy: re-rank refine * k index candidates by exact similarity
     created: str = ""
     defaults: BlendDefaults = field(default_factory=BlendDefaults)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"bytes", "sha256"}
@@ -338,15 +339,32 @@ class FeatureCache:
             queries: ``[B, D]`` features (numpy or torch on any device), searched as given.
             top_k: neighbours per query.
 
-        Returns:
-            ``(sims [B, k] float32, ids [B, k] int64)``; ids are -1 where fewer than k were found.
-        """
-        return self._search_array(self._as_query_array(queries), top_k)
+        With a kept vector copy (lossy SQ8 codes), the index proposes ``meta.refine * top_k``
+        candidates that are re-ranked by their exact inner product with the kept vectors.
 
-    def _search_array(self, q: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+        Returns:
+            ``(sims [B, k] float32, ids [B, k] int64)``, best first; ids are -1 where fewer than k
+            were found.
+        """
+        sims, ids, _ = self._search_array(self._as_query_array(queries), top_k)
+        return sims, ids
+
+    def _search_array(self, q: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """``(sims, ids, prototypes or None)``. With a kept vector copy (lossy index codes), the index
+        proposes ``refine * top_k`` candidates that are re-ranked by their exact similarity."""
         if not 1 <= top_k <= len(self):
             raise ValueError(f"top_k must be in [1, {len(self)}] for this cache, got {top_k}")
-        return (self._gpu_index or self.index).search(q, top_k)
+        index = self._gpu_index or self.index
+        if self.vectors is None:
+            sims, ids = index.search(q, top_k)
+            return sims, ids, None
+        _, candidates = index.search(q, min(len(self), top_k * max(1, self.meta.refine)))
+        protos = self.prototypes(candidates)
+        sims = np.einsum("bd,bkd->bk", q, protos)
+        sims[candidates < 0] = np.finfo(np.float32).min  # where FAISS found nothing, as FAISS reports it
+        best = np.argsort(-sims, axis=1, kind="stable")[:, :top_k]
+        return (np.take_along_axis(sims, best, 1), np.take_along_axis(candidates, best, 1),
+                np.take_along_axis(protos, best[..., None], 1))
 
     def prototypes(self, ids: np.ndarray) -> np.ndarray:
         """Stored features of neighbours ``ids [B, k]`` as ``[B, k, D]`` float32, in one vectorised read.
@@ -376,8 +394,9 @@ class FeatureCache:
         ``out = normalize((1 - weight) * q + weight * r)``, with ``q`` searched and blended as given
         (not re-normalised) and the raw inner products, as in the official code. Search runs on
         FAISS (CPU, or GPU FAISS when present); the blend arithmetic runs in float32 on the input's
-        device. With a kept vector copy (lossy SQ8 codes), the similarities are recomputed from it
-        so the softmax weights do not carry the 8-bit quantisation error. Missing neighbours (IVF) get zero vectors, which drop out of ``r`` exactly; a query
+        device. With a kept vector copy (lossy SQ8 codes), neighbours are re-ranked and weighted by
+        their exact similarities from it (see `search`), so the 8-bit error does not reach the
+        blend. Missing neighbours (IVF) get zero vectors, which drop out of ``r`` exactly; a query
         with no neighbour at all comes back as ``normalize(q)``. Unset arguments use the cache's
         defaults (official: top-k 10, temperature 20, weight 0.5).
 
@@ -392,10 +411,9 @@ class FeatureCache:
         as_numpy = not isinstance(queries, torch.Tensor)
         q = torch.from_numpy(np.asarray(queries)) if as_numpy else queries.detach()
         q_np = self._as_query_array(q)
-        sims, ids = self._search_array(q_np, opts.top_k)
-        protos = self.prototypes(ids)
-        if self.vectors is not None:  # lossy index codes (SQ8): rescore with the kept vectors
-            sims = np.einsum("bd,bkd->bk", q_np, protos)
+        sims, ids, protos = self._search_array(q_np, opts.top_k)
+        if protos is None:
+            protos = self.prototypes(ids)
         sims[ids < 0] = 0.0  # FAISS reports -FLT_MAX there; their zero prototypes already drop out
         lonely = (ids < 0).all(axis=1)
         if lonely.any():
