@@ -7,7 +7,8 @@ next to our caches, which fetch all neighbours in one vectorised call:
 
 * ``flat``: exact ``IndexFlatIP`` (the same index object the official approach uses),
 * ``ivf``: ``IVF{nlist},Flat`` with ``--nprobe`` lists searched,
-* ``ivf-sq8``: ``IVF{nlist},SQ8`` codes (1 byte per component) plus a float16 vector copy for the blend.
+* ``ivf-sq8``: ``IVF{nlist},SQ8`` codes (1 byte per component) plus a float16 vector copy, from which
+  4*k candidates are re-ranked exactly and blended.
 
 Data: ``n`` unit vectors of size ``--dim`` drawn from a mixture of Gaussians (``n // 100`` random
 unit centres, isotropic noise of norm ~``--spread``), normalised: real image features are

@@ -98,7 +98,8 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"encoder      {meta.encoder}")
     print(f"vectors      {meta.count} x {meta.dim} (metric {meta.metric})")
     print(f"index        {meta.index_factory} ({meta.index_type}), nprobe {cache.nprobe}")
-    print(f"blend copy   {meta.vectors_dtype or 'none (reconstructed from the index)'}")
+    copy = f"{meta.vectors_dtype} (re-ranks {meta.refine} x k candidates)" if meta.vectors_dtype else "none (reconstructed from the index)"
+    print(f"blend copy   {copy}")
     print(f"defaults     top_k {meta.defaults.top_k}, temperature {meta.defaults.temperature}, weight {meta.defaults.weight}")
     print(f"built        {meta.created}")
     print(f"sources      {'yes' if cache.sources else 'none recorded'}")
