@@ -13,30 +13,28 @@ embeddings in the order of the training examples.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+from torch.nn import functional as F
 
 from imagebind_llm.cache.build import FEATURES_DIR, PLAN_FILE, extract_features, shard_path
-from imagebind_llm.model.imagebind_llm import ImageBindLLM
 from imagebind_llm.train.data import encode_images_for_features
-
-log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def extract(model: ImageBindLLM, sources: Sequence[str], out: str | Path, *, shard_size: int = 4096,
+def extract(encoder: nn.Module, sources: Sequence[str], out: str | Path, *, shard_size: int = 4096,
             batch_size: int = 32, encoder_name: str = "imagebind", rank: int | None = None,
             world_size: int | None = None, progress: bool = True) -> list[int]:
-    """Encode ``sources`` (image paths or ``shard.tar::member``) into the store ``out``; returns the shards
-    this call encoded (already finished shards are skipped, so re-running resumes)."""
-    device = next(model.encoder.parameters()).device
+    """Encode ``sources`` (image paths or ``shard.tar::member``) with the ImageBind ``encoder`` into the store
+    ``out``; returns the shards this call encoded (finished shards are skipped, so re-running resumes)."""
+    device = next(encoder.parameters()).device
 
     def encode(batch: list[str]) -> torch.Tensor:
-        return model.embed_modality("image", encode_images_for_features(batch).to(device))
+        return F.normalize(encoder({"vision": encode_images_for_features(batch).to(device)})["vision"].float(), dim=-1)
 
     return extract_features(list(sources), out, encode, encoder=encoder_name, shard_size=shard_size,
                             batch_size=batch_size, rank=rank, world_size=world_size, progress=progress)

@@ -152,7 +152,7 @@ def build_model(config: dict[str, Any], phase: str, *, need_encoder: bool, featu
     loaded = load_llm(cfg["llm"])
     loaded.model.config.max_seq_len = cfg["max_seq_len"]
     tokenizer = load_tokenizer(cfg["tokenizer"]) if cfg["tokenizer"] else loaded.tokenizer
-    encoder = _encoder(cfg) if need_encoder else None
+    encoder = load_encoder(cfg) if need_encoder else None
     adapter = _read_adapter(cfg["adapter"]) if cfg["adapter"] else None
     legacy = adapter is not None and adapter[0] == "official" and is_legacy_bind(adapter[1])
     dim = encoder.config.out_embed_dim if encoder is not None else feature_dim
@@ -166,7 +166,8 @@ def build_model(config: dict[str, Any], phase: str, *, need_encoder: bool, featu
     return model
 
 
-def _encoder(cfg: dict[str, Any]) -> nn.Module:
+def load_encoder(cfg: dict[str, Any]) -> nn.Module:
+    """The frozen ImageBind of the ``model`` config section (``imagebind`` + optional ``imagebind_config``)."""
     if not cfg["imagebind"]:
         raise ValueError("this run encodes images, so it needs model.imagebind (an ImageBind checkpoint such as "
                          "imagebind_w3D.pth); stage 1 can instead train from data.features")

@@ -1,0 +1,83 @@
+"""``imagebind-llm train stage1|stage2|extract-features``: argparse wiring for the training recipes.
+
+The main CLI calls `add_train_subcommands(subparsers)`; each leaf parser sets ``func`` (parsed arguments
+-> exit code). Launch multi-GPU / multi-node runs with ``torchrun ... -m imagebind_llm train stage1 ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+import yaml
+
+from imagebind_llm.train import distributed
+from imagebind_llm.train.config import load_config
+from imagebind_llm.train.data import image_sources, read_examples
+from imagebind_llm.train.features import extract
+from imagebind_llm.train.loop import load_encoder
+from imagebind_llm.train.recipes import stage1, stage2
+
+RECIPES = {"stage1": (1, stage1, "image-text alignment: bind network, prefix and gates"),
+           "stage2": (2, stage2, "instruction tuning: LoRA, biases and norms")}
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file over the stage's defaults (configs/stage1.yaml, stage2.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, e.g. --set optim.lr=1e-3 --set data.train=[a.tsv,b.tar]")
+
+
+def add_train_subcommands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``train`` with ``stage1``, ``stage2`` and ``extract-features`` to a CLI."""
+    train = subparsers.add_parser("train", help="train ImageBind-LLM (stage 1 alignment, stage 2 instruction tuning)")
+    sub = train.add_subparsers(dest="train_command", required=True)
+    for name, (stage, _, summary) in RECIPES.items():
+        p = sub.add_parser(name, help=summary, description=f"Stage {stage}: {summary}. Every config value can be "
+                           "overridden with --set; run under torchrun for several processes.")
+        _add_config_args(p)
+        p.add_argument("--resume", metavar="DIR", help="continue from a run folder (its latest checkpoint) or a "
+                       "checkpoints/step-*.pt file")
+        p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        p.set_defaults(func=_run_stage, stage=stage, recipe=name)
+    e = sub.add_parser("extract-features", help="encode the stage-1 images with ImageBind once (sharded, resumable)",
+                       description="Pre-extract ImageBind image features of data.train into --out; then train "
+                       "stage 1 with --set data.features=OUT. Re-running resumes; under torchrun each "
+                       "process encodes its share of the shards.")
+    _add_config_args(e)
+    e.add_argument("--out", required=True, help="feature store folder")
+    e.add_argument("--shard-size", type=int, default=4096, help="images per shard (the unit of resumption)")
+    e.add_argument("--batch-size", type=int, default=32, help="images per encoder call")
+    e.add_argument("--device", default="cpu", help="torch device of the encoder, e.g. cuda")
+    e.set_defaults(func=_extract)
+    return train
+
+
+def _run_stage(args: argparse.Namespace) -> int:
+    config = load_config(args.stage, args.config, args.overrides)
+    if args.print_config:
+        print(yaml.safe_dump(config, sort_keys=False), end="")
+        return 0
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(distributed.RankZeroFilter())
+    try:
+        result = RECIPES[args.recipe][1].run(config, resume=args.resume)
+    finally:
+        distributed.teardown()
+    if distributed.is_main():
+        summary = {"step": result.step, "final_loss": result.losses[-1] if result.losses else None,
+                   "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+                   "exports": {k: str(v) for k, v in result.exports.items()}}
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _extract(args: argparse.Namespace) -> int:
+    config = load_config(1, args.config, args.overrides)
+    sources = image_sources(read_examples(config["data"]["train"], config["data"]["image_root"]))
+    encoder = load_encoder(config["model"]).to(args.device)
+    done = extract(encoder, sources, args.out, shard_size=args.shard_size, batch_size=args.batch_size,
+                   encoder_name=str(config["model"]["imagebind"]))
+    print(json.dumps({"images": len(sources), "shards_encoded": done, "out": args.out}))
+    return 0
