@@ -6,8 +6,8 @@ no wrapper, collectives become identities. Under ``torchrun`` the backend is NCC
 Two wrapping strategies:
 
 * ``ddp``: `DistributedDataParallel` over the training module (frozen weights replicated, as official);
-* ``fsdp``: FSDP2 ``fully_shard`` on every decoder block and then on the root, so the frozen base is
-  sharded across processes instead of replicated; gradients of the trainable weights are
+* ``fsdp``: FSDP2 ``fully_shard`` on groups of decoder modules and then on the root, so the frozen base
+  is sharded across processes instead of replicated; gradients of the trainable weights are
   reduce-scattered and the optimizer works on the shards.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -88,13 +88,17 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def wrap(module: nn.Module, strategy: str, device: torch.device, *, blocks: list[nn.Module] | None = None,
-         find_unused_parameters: bool = False, param_dtype: torch.dtype | None = None) -> nn.Module:
+def wrap(module: nn.Module, strategy: str, device: torch.device, *,
+         blocks: Sequence[nn.Module | list[nn.Module]] | None = None,
+         replicated: nn.Module | None = None, find_unused_parameters: bool = False,
+         param_dtype: torch.dtype | None = None) -> nn.Module:
     """Wrap the training module for data parallelism (identity in a single process).
 
     Args:
         strategy: ``ddp`` or ``fsdp``.
-        blocks: the submodules ``fsdp`` shards one by one (the decoder blocks) before the root.
+        blocks: the submodules (or lists of submodules forming one group) ``fsdp`` shards one by one before
+            the root; each is gathered only around its own forward/backward.
+        replicated: a frozen submodule ``fsdp`` leaves whole on every process (the ImageBind encoder).
         find_unused_parameters: DDP option, needed when some batches leave trainable weights unused.
         param_dtype: FSDP all-gather dtype (e.g. bf16) when training under bf16.
     """
@@ -111,7 +115,8 @@ def wrap(module: nn.Module, strategy: str, device: torch.device, *, blocks: list
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         for block in blocks or []:
             fully_shard(block, mp_policy=policy)
-        return fully_shard(module, mp_policy=policy)
+        ignored = set(replicated.parameters()) if replicated is not None else None
+        return fully_shard(module, mp_policy=policy, ignored_params=ignored)
     raise ValueError(f"unknown distributed strategy {strategy!r}; use ddp or fsdp")
 
 

@@ -139,6 +139,17 @@ def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, micro_batche
     return mean
 
 
+def fsdp_groups(model: ImageBindLLM) -> list[list[nn.Module]]:
+    """Decoder modules FSDP2 may shard and gather one group at a time: per block the MLP, and the q/k/o
+    projections. The value projections stay in the root group because `ImageBindLLM.injections` applies
+    every layer's ``wv`` to the visual feature before the blocks run."""
+    groups = []
+    for block in model.llm.layers:
+        groups.append([block.feed_forward])
+        groups.append([block.attention.wq, block.attention.wk, block.attention.wo])
+    return groups
+
+
 # -------------------------------------------------------------------- building the model
 def build_model(config: dict[str, Any], phase: str, *, need_encoder: bool, feature_dim: int | None = None
                 ) -> ImageBindLLM:
@@ -240,8 +251,8 @@ def train(config: dict[str, Any], model: ImageBindLLM, dataset: TrainDataset, de
         enable_activation_checkpointing(model)
     amp_dtype = torch.bfloat16 if train_cfg["precision"] == "bf16" and device.type == "cuda" else None
     text_only = any(ex.image is None for ex in dataset.examples) and dataset.text_only == "no_injection"
-    module = distributed.wrap(TrainStep(model), train_cfg["distributed"], device, blocks=list(model.llm.layers),
-                              find_unused_parameters=text_only, param_dtype=amp_dtype)
+    module = distributed.wrap(TrainStep(model), train_cfg["distributed"], device, blocks=fsdp_groups(model),
+                              replicated=model.encoder, find_unused_parameters=text_only, param_dtype=amp_dtype)
 
     accum, batch_size = optim_cfg["accum_iter"], train_cfg["batch_size"]
     global_batch = batch_size * accum * world
