@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from imagebind_llm.model.imagebind_llm import official_names
-from imagebind_llm.train.loop import TrainStep, lm_loss, train_step
+from imagebind_llm.train.loop import TrainStep, enable_activation_checkpointing, lm_loss, train_step
 from imagebind_llm.train.optim import build_optimizer, decays
 from imagebind_llm.train.schedule import WarmupCosine
 from test_model import INPUTS, IO, official_model, small_encoder
@@ -76,3 +76,30 @@ def test_loss_without_labels_is_a_connected_zero():
     loss = lm_loss(logits, torch.zeros(2, 5, dtype=torch.long))
     loss.backward()
     assert loss.item() == 0.0 and logits.grad is not None
+
+
+def test_activation_checkpointing_keeps_loss_and_gradients(encoder):
+    ref = IO["results"]["finetune"]
+    grads = []
+    for checkpointing in (False, True):
+        model = official_model("finetune", encoder).train()
+        if checkpointing:
+            enable_activation_checkpointing(model)
+        loss = TrainStep(model)(ref["train_tokens"], ref["train_labels"], images=INPUTS["vision_batch"])
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert set(dict(model.named_parameters())) == set(dict(official_model("finetune", encoder).named_parameters()))
+
+
+def test_gradient_clipping_bounds_the_update(encoder):
+    ref = TRAJECTORY["results"]["pretrain"]
+    model = official_model("pretrain", encoder).train()
+    module = TrainStep(model)
+    optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=1.0)
+    before = [p.detach().clone() for p in module.parameters() if p.requires_grad]
+    train_step(module, optimizer, [ref["batches"][0]], clip_grad=1e-3)
+    after = [p.detach() for p in module.parameters() if p.requires_grad]
+    step_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(a - b) for a, b in zip(after, before)]))
+    assert step_norm == pytest.approx(1e-3, rel=1e-3)  # SGD lr 1: the update is the clipped gradient

@@ -265,6 +265,9 @@ def train(config: dict[str, Any], model: ImageBindLLM, dataset: TrainDataset, de
     log.info("%s: %d examples, %d steps/epoch x %d epochs, global batch %d, lr %.3e", phase, len(dataset),
              per_epoch, train_cfg["epochs"], global_batch, lr)
 
+    if not dataset[(0, 0)]["labels"].any():
+        log.warning("the first example has no answer token left after truncation to data.max_words=%d; "
+                    "raise data.max_words (the prompt alone may fill it with this tokenizer)", dataset.max_words)
     step = 0
     if resume is not None:
         step = load_checkpoint(resume, module, optimizer, phase)["step"]
