@@ -240,3 +240,34 @@ def test_feature_store_trains_stage1_without_the_encoder(tmp_path):
     assert np.mean(result.losses[-2:]) < np.mean(result.losses[:2])
     with pytest.raises(ValueError, match="other images"):
         FeatureStore(tmp_path / "feats", sources[::-1])
+
+
+def test_cli_extracts_features_then_trains_stage1_from_them(tmp_path, capsys):
+    import argparse
+
+    from imagebind_llm.train.cli import add_train_subcommands
+
+    parser = argparse.ArgumentParser()
+    add_train_subcommands(parser.add_subparsers())
+    rows = ["url\tcaption"] + [f"{i}.png\tcolour {i}" for i in range(4)]
+    for i in range(4):
+        write_image(tmp_path / f"{i}.png", (60 * i, 40, 200 - 40 * i))
+    (tmp_path / "c.tsv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "run.yaml").write_text(
+        f"model:\n  llm: {FIXTURES / 'adapter' / 'llama' / 'base'}\n"
+        f"  imagebind: {FIXTURES / 'imagebind' / 'imagebind_small.pth'}\n"
+        f"  imagebind_config: {FIXTURES / 'imagebind' / 'imagebind_small.json'}\n"
+        f"data:\n  train: [{tmp_path / 'c.tsv'}]\n  image_root: {tmp_path}\n  max_words: 400\n  num_workers: 0\n"
+        f"train:\n  device: cpu\n  progress: false\n  batch_size: 2\n  epochs: 2\n  output_dir: {tmp_path / 'run'}\n")
+    args = parser.parse_args(["train", "extract-features", "--config", str(tmp_path / "run.yaml"),
+                              "--out", str(tmp_path / "feats"), "--shard-size", "3"])
+    assert args.func(args) == 0
+    assert json.loads(capsys.readouterr().out)["shards_encoded"] == [0, 1]
+    args = parser.parse_args(["train", "stage1", "--config", str(tmp_path / "run.yaml"), "--set",
+                              f"data.features={tmp_path / 'feats'}", "--set", "optim.lr=1e-3"])
+    assert args.func(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["step"] == 4 and Path(summary["exports"]["official"]).is_file()
+    args = parser.parse_args(["train", "stage1", "--config", str(tmp_path / "run.yaml"), "--print-config",
+                              "--set", "optim.warmup_epochs=0.5"])
+    assert args.func(args) == 0 and "warmup_epochs: 0.5" in capsys.readouterr().out
