@@ -20,6 +20,7 @@ import torch
 from imagebind_llm import __version__
 from imagebind_llm.cache.cli import add_cache_subcommands
 from imagebind_llm.download import DownloadError, fetch, format_weights_table
+from imagebind_llm.train.cli import add_train_subcommands
 
 EXIT_USER_ERROR = 1
 # What our library raises for bad input (CheckpointMismatchError and WeightsFormatError are ValueErrors).
@@ -259,6 +260,7 @@ def run_weights_fetch(args: argparse.Namespace) -> int:
 # One entry per subcommand (or group of subcommands).
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], object]] = [
     add_chat_command, add_ask_command, add_merge_delta_command, add_weights_command, add_cache_subcommands,
+    add_train_subcommands,
 ]
 
 
