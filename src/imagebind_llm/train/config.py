@@ -101,6 +101,8 @@ def validate(config: dict[str, Any]) -> None:
     for section, key in positive:
         if not isinstance(config[section][key], (int, float)) or config[section][key] <= 0:
             raise ConfigError(f"{section}.{key} must be a positive number, got {config[section][key]!r}")
+    if not isinstance(train["epochs"], int):
+        raise ConfigError(f"train.epochs must be a whole number of passes, got {train['epochs']!r}")
     if optim["warmup_epochs"] < 0 or optim["warmup_epochs"] > train["epochs"]:
         raise ConfigError(f"optim.warmup_epochs={optim['warmup_epochs']} must be in [0, train.epochs={train['epochs']}]")
     if len(optim["betas"]) != 2:

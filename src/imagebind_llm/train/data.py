@@ -25,6 +25,7 @@ every answer carries labels. Relative image paths are resolved against ``image_r
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import tarfile
@@ -262,12 +263,24 @@ def _rng_seed(*parts: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+@functools.lru_cache(maxsize=64)
+def _tar_index(path: str) -> dict[str, tuple[int, int]]:
+    """``{member name: (data offset, size)}`` of a tar shard, scanned once per process."""
+    with tarfile.open(path) as tar:
+        return {m.name: (m.offset_data, m.size) for m in tar.getmembers() if m.isfile()}
+
+
 def read_image_bytes(source: str) -> bytes | str:
-    """A path as-is, or the bytes of a ``shard.tar::member`` image."""
+    """A path as-is, or the bytes of a ``shard.tar::member`` image (read by offset, no archive scan)."""
     if TAR_SEP in source and not Path(source).exists():
         tar_path, member = source.split(TAR_SEP, 1)
-        with tarfile.open(tar_path) as tar:
-            return tar.extractfile(member).read()
+        index = _tar_index(tar_path)
+        if member not in index:
+            raise FileNotFoundError(f"{tar_path} has no member {member!r}")
+        offset, size = index[member]
+        with open(tar_path, "rb") as f:
+            f.seek(offset)
+            return f.read(size)
     return source
 
 
