@@ -1,16 +1,17 @@
 """Training-step throughput per stage, with the frozen ImageBind in the step vs. from the feature cache.
 
-Times the recipe's real optimiser step (median of alternating runs) (`imagebind_llm.train.loop.train_step` over `TrainStep`, AdamW with
-the official groups) on synthetic batches of full-length sequences (stage 1: ``max_words`` 96, stage 2:
-512) and reports samples/s, tokens/s and the speed-up of training from pre-extracted features
-(``data.features``: the encoder is skipped) over encoding the images in every step. On CUDA it runs
-under bf16 autocast and adds the model-FLOPs utilisation against ``--peak-tflops``.
+Times the recipe's real optimiser step (`imagebind_llm.train.loop.train_step` over `TrainStep`, AdamW
+with the official groups; median over steps alternating between the two variants) on synthetic batches
+of full-length sequences (stage 1: ``max_words`` 96, stage 2: 512) and reports samples/s, tokens/s and
+the speed-up of training from pre-extracted features (``data.features``: the encoder is skipped) over
+encoding the images in every step. On CUDA it runs under bf16 autocast and adds the model-FLOPs
+utilisation against ``--peak-tflops``.
 
 Model FLOPs per step: decoder ``4 * N_dec * tokens`` (forward, and the backward to activations only: the
 base is frozen; LoRA weight gradients are negligible) plus, without the cache, the encoder forward
 ``2 * N_vision * 257 * images``; attention score FLOPs are left out.
 
-    python bench/train.py                      # CPU: tiny (test fixtures) and demo (SmolLM2-135M + small ImageBind)
+    python bench/train.py        # CPU: tiny (test fixtures), demo (SmolLM2-135M + small ImageBind)
     python bench/train.py --configs demo --encoder huge --device cuda --steps 10
 """
 
@@ -68,7 +69,8 @@ def make_inputs(model: ImageBindLLM, stage: int, batch: int, cached: bool) -> di
     labels[:, : length // 4] = 0  # the prompt part
     inputs = {"tokens": tokens, "labels": labels, "has_media": torch.ones(batch, dtype=torch.bool)}
     if cached:
-        inputs["features"] = torch.nn.functional.normalize(torch.randn(batch, model.config.feature_dim, generator=g), dim=-1)
+        features = torch.randn(batch, model.config.feature_dim, generator=g)
+        inputs["features"] = torch.nn.functional.normalize(features, dim=-1)
     else:
         inputs["images"] = torch.randn(batch, 3, 224, 224, generator=g)
     return inputs
@@ -118,15 +120,16 @@ def main() -> None:
     device = torch.device(args.device)
     peak = args.peak_tflops if device.type == "cuda" else None
     print(f"device {device}, batch {args.batch}, {args.steps} timed steps, encoder {args.encoder}")
-    header = f"{'config':6} {'stage':>5} {'tokens':>6} {'features':>8} {'samples/s':>10} {'tokens/s':>10} {'step ms':>9}"
+    header = (f"{'config':6} {'stage':>5} {'tokens':>6} {'features':>8} {'samples/s':>10} {'tokens/s':>10} "
+              f"{'step ms':>9}")
     print(header + (f" {'MFU':>6}" if peak else "") + f" {'cache speed-up':>15}")
     for config in args.configs.split(","):
         for stage in map(int, args.stages.split(",")):
             model = build(config, args.encoder, STAGES[stage][0]).to(device)
             rows = bench(model, stage, args.batch, device, args.steps, peak)
             for row in rows:
-                line = (f"{config:6} {row['stage']:>5} {row['tokens']:>6} {row['features']:>8} {row['samples_s']:>10.2f} "
-                        f"{row['tokens_s']:>10.0f} {row['step_ms']:>9.1f}")
+                line = (f"{config:6} {row['stage']:>5} {row['tokens']:>6} {row['features']:>8} "
+                        f"{row['samples_s']:>10.2f} {row['tokens_s']:>10.0f} {row['step_ms']:>9.1f}")
                 line += f" {row['mfu']:>6.1%}" if peak else ""
                 speedup = rows[0]["step_ms"] / rows[1]["step_ms"]
                 print(line + (f" {speedup:>14.2f}x" if row["features"] == "cache" else ""))

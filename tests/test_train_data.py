@@ -215,7 +215,7 @@ def test_feature_store_trains_stage1_without_the_encoder(tmp_path):
     model = official_model("pretrain", small_encoder())
     sources = image_sources(examples)
     assert extract(model.encoder, sources, tmp_path / "feats", shard_size=3, batch_size=2, progress=False) == [0, 1]
-    assert extract(model.encoder, sources, tmp_path / "feats", shard_size=3, progress=False) == []  # resumable: all done
+    assert extract(model.encoder, sources, tmp_path / "feats", shard_size=3, progress=False) == []  # all done
     store = FeatureStore(tmp_path / "feats", sources)
     images = load_images(sources)
     with torch.no_grad():

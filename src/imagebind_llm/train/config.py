@@ -104,7 +104,8 @@ def validate(config: dict[str, Any]) -> None:
     if not isinstance(train["epochs"], int):
         raise ConfigError(f"train.epochs must be a whole number of passes, got {train['epochs']!r}")
     if optim["warmup_epochs"] < 0 or optim["warmup_epochs"] > train["epochs"]:
-        raise ConfigError(f"optim.warmup_epochs={optim['warmup_epochs']} must be in [0, train.epochs={train['epochs']}]")
+        raise ConfigError(f"optim.warmup_epochs={optim['warmup_epochs']} must be in "
+                          f"[0, train.epochs={train['epochs']}]")
     if len(optim["betas"]) != 2:
         raise ConfigError(f"optim.betas must be two numbers, got {optim['betas']!r}")
     if train["max_steps"] is not None and train["max_steps"] < 0:
