@@ -127,7 +127,7 @@ def fetch(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
     folder.mkdir(parents=True, exist_ok=True)
     dest = folder / filename
     if dest.exists():
-        _verify(dest, _sha256_file(dest) if sha256 else None, sha256, expected_size)
+        _verify(dest, sha256_file(dest) if sha256 else None, sha256, expected_size)
         return dest
     part = dest.with_name(dest.name + ".part")
     digest = _download(url, part, progress=progress, retries=retries, timeout=timeout)
@@ -151,9 +151,10 @@ def _verify(path: Path, digest: str | None, sha256: str | None, size: int | None
                             f"the file is corrupt or not the expected one (delete {path} to download it again)")
 
 
-def _sha256_file(path: Path, h: hashlib._Hash | None = None) -> str:
+def sha256_file(path: str | os.PathLike, h: "hashlib._Hash | None" = None) -> str:
+    """SHA-256 of a file, streamed (continuing ``h`` when given)."""
     h = h or hashlib.sha256()
-    with path.open("rb") as f:
+    with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
             h.update(chunk)
     return h.hexdigest()
@@ -194,7 +195,7 @@ def _download_once(url: str, part: Path, *, progress: bool, timeout: float) -> s
             if not resp.headers.get("Content-Range", "").startswith(f"bytes {start}-"):
                 raise DownloadError(f"{url}: server answered Range {start}- with "
                                     f"Content-Range {resp.headers.get('Content-Range')!r}")
-            _sha256_file(part, h)  # hash the prefix we keep
+            sha256_file(part, h)  # hash the prefix we keep
             mode = "ab"
         else:  # 200: the server ignored Range; start over
             start, mode = 0, "wb"

@@ -34,9 +34,9 @@ from imagebind_llm.cache.feature_cache import (
     check_unit_norm,
     new_meta,
     resolve_keep_vectors,
-    sha256_file,
     write_npy,
 )
+from imagebind_llm.download import sha256_file
 
 log = logging.getLogger(__name__)
 

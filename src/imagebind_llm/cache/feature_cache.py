@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from imagebind_llm.cache import index as index_lib
+from imagebind_llm.download import sha256_file
 from imagebind_llm.model.retrieval import blend_neighbours
 
 log = logging.getLogger(__name__)
@@ -104,15 +104,6 @@ class CacheMeta:
             return cls(**d)
         except TypeError as e:
             raise CacheError(f"{where}: incomplete cache metadata ({e})") from None
-
-
-def sha256_file(path: str | Path, chunk_bytes: int = 8 << 20) -> str:
-    """SHA-256 of a file, streamed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk_bytes):
-            h.update(block)
-    return h.hexdigest()
 
 
 class FeatureCache:
