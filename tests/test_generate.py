@@ -187,3 +187,12 @@ def test_bad_arguments_raise():
         generate(model, [[1]], stop_strings=["x"])
     with pytest.raises(ValueError, match="max_seq_len"):
         generate(model, [[1]], max_new_tokens=model.config.max_seq_len + 1)
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_same_tokens():
+    model = _tiny_model()
+    prompts = [[1, 2, 3], [4, 5]]
+    eager = generate(model, prompts, max_new_tokens=6, stop_token_ids=[])
+    compiled = generate(model, prompts, max_new_tokens=6, stop_token_ids=[], compile=True)
+    assert [c.tokens for c in compiled] == [c.tokens for c in eager]

@@ -192,7 +192,8 @@ class Transformer(nn.Module):
             self.register_load_state_dict_post_hook(_retie_output)
         # RoPE tables are derived data, built lazily on the device in use (so meta init needs nothing).
         self._rope: Tensor | None = None
-        self._cache_slots: Tensor | None = None  # arange(T) of the KV cache, for the position mask
+        # arange(T) over the KV cache slots, for the position mask; a buffer so that .to() moves it.
+        self.register_buffer("_cache_slots", None, persistent=False)
 
     def setup_caches(self, batch_size: int, max_seq_len: int, *, dtype: torch.dtype | None = None,
                      device: torch.device | str | None = None) -> None:
