@@ -219,6 +219,8 @@ def test_cache_errors_and_reuse():
     with pytest.raises(ValueError, match="max_seq_len"):
         model.setup_caches(1, model.config.max_seq_len + 1)
     model.setup_caches(1, 8)
+    with pytest.raises(ValueError, match="KV cache holds 1"):
+        model(torch.randint(0, 300, (2, 4)), torch.arange(4))
     cache = model.layers[0].attention.kv_cache
     model.setup_caches(1, 8)
     assert model.layers[0].attention.kv_cache is cache

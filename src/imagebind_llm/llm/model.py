@@ -262,6 +262,9 @@ class Transformer(nn.Module):
         else:
             if not self.caches_enabled:
                 raise ValueError("input_pos given but no KV cache: call model.setup_caches(batch_size, max_seq_len)")
+            if self.layers[0].attention.kv_cache.k.shape[0] != B:
+                raise ValueError(f"batch of {B} rows but the KV cache holds "
+                                 f"{self.layers[0].attention.kv_cache.k.shape[0]}; call setup_caches({B}, ...)")
             positions = input_pos = input_pos.expand(B, S)
             mask = input_pos[:, None, :, None] >= self._cache_slots  # [B, 1, S, T]
         rope = self._rope_for(positions)
