@@ -87,6 +87,7 @@ def test_greedy_generation_matches_official(phase_model):
     out = model.generate([ref["prompt_ids"].tolist()], {"Image": (INPUTS["vision"], 1)}, temperature=0,
                          max_new_tokens=24)[0]
     assert out.tokens == ref["gen_greedy_ids"].tolist()
+    assert out.text == ref["gen_greedy_text"]
 
 
 def test_training_loss_gradients_and_trainable_set_match_official(phase_model, encoder):

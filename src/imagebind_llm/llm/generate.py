@@ -6,7 +6,7 @@ get alone. Sampling stays on the device (no host sync); the loop syncs once per 
 tokens for stop checks and streaming.
 
 The tokenizer is duck-typed: ``encode(text, *, bos=False, eos=False) -> list[int]``,
-``decode(ids) -> str``, ``bos_id``, ``eos_id`` (int or None) and ``vocab_size``.
+``decode(ids, *, skip_special=False) -> str``, ``bos_id``, ``eos_id`` (int or None) and ``vocab_size``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]: ...
 
-    def decode(self, ids: Sequence[int]) -> str: ...
+    def decode(self, ids: Sequence[int], *, skip_special: bool = False) -> str: ...
 
 
 @dataclass
@@ -181,7 +181,8 @@ class _RowText:
         self.result.tokens.append(token)
         if self.tokenizer is None:
             return ""
-        text = self.result.text = self.tokenizer.decode(self.result.tokens)
+        # control tokens (a stray BOS, <|im_start|>...) are not text, as SentencePiece's own decode has it
+        text = self.result.text = self.tokenizer.decode(self.result.tokens, skip_special=True)
         cuts = [i for i in (text.find(s) for s in self.stop_strings) if i >= 0]
         if cuts:
             self.done, self.result.finish_reason = True, "stop"
