@@ -276,6 +276,8 @@ def train(config: dict[str, Any], model: ImageBindLLM, dataset: TrainDataset, de
                             enabled=distributed.is_main(), progress=train_cfg["progress"],
                             tensorboard=train_cfg["tensorboard"])
     module.train()
+    if model.encoder is not None:
+        model.encoder.eval()  # frozen: no DropPath/dropout in the encoder
     try:
         while step < stop:
             epoch, in_epoch = divmod(step, per_epoch)
