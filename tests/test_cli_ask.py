@@ -82,3 +82,21 @@ def test_weights_list_and_fetch_of_a_local_file(capsys, tmp_path):
     assert capsys.readouterr().out.strip() == str(local)
     assert main(["weights", "fetch", "no-such-weights"]) == 1
     assert "no-such-weights" in capsys.readouterr().err
+
+
+def test_multi_turn_chat_keeps_the_media_injected():
+    from imagebind_llm.model.chat import start_chat
+
+    model = from_official(ADAPTER / "llama" / "base", ADAPTER / "adapter_finetune.pth", small_encoder())
+    media = load_media({"image": MEDIA / "girl.jpg"})
+    session = start_chat(model, media)
+    first = "".join(session.respond("Describe the image in detail.", max_new_tokens=8, temperature=0)).strip()
+    second = "".join(session.respond("And the colours?", max_new_tokens=8, temperature=0))
+    # the second turn is the whole conversation as text, generated with the same media injected
+    prompt = session.template.render(session.messages()[:-1])
+    expected = model.generate([prompt], media, temperature=0, max_new_tokens=8,
+                              stop_token_ids=model.tokenizer.stop_ids, stop_strings=("### Instruction:",))[0].text
+    assert session.history[0]["content"] == "Describe the image in detail." and session.history[1]["content"] == first
+    assert second == expected
+    assert "".join(start_chat(model, None).respond("And the colours?", max_new_tokens=8, temperature=0)) != \
+        "".join(start_chat(model, media).respond("And the colours?", max_new_tokens=8, temperature=0))

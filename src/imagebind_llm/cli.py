@@ -76,16 +76,16 @@ def run_chat(args: argparse.Namespace) -> int:
 
     sampling = _sampling(args)
     if _wants_multimodal(args):  # the media feature stays injected for the whole conversation
+        from imagebind_llm.model.chat import start_chat
+
         model, media, options = _load_multimodal(args)
-        decoder, tokenizer = model.llm, model.tokenizer
-        sampling["injections"] = model.media_injections(media, options.pop("cache"), top_k=options["cache_top_k"],
-                                                        temperature=options["cache_temperature"],
-                                                        weight=options["cache_weight"])
+        session = start_chat(model, media, template=args.template, system=args.system, **options)
         name, fmt = "ImageBind-LLM", "multimodal"
     else:
         llm = load_llm(args.model, dtype=_DTYPES[args.dtype], device=args.device)
-        decoder, tokenizer, name, fmt = llm.model, llm.tokenizer, llm.path.name, llm.format
-    session = ChatSession(decoder, tokenizer, choose_template(args.template, tokenizer), system=args.system)
+        session = ChatSession(llm.model, llm.tokenizer, choose_template(args.template, llm.tokenizer),
+                              system=args.system)
+        name, fmt = llm.path.name, llm.format
     if args.prompt is not None:
         _answer(session, args.prompt, args.stream, sampling)
         return 0
