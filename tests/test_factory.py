@@ -16,6 +16,16 @@ def released():
     return from_official(ADAPTER / "llama" / "base", ADAPTER / "adapter_finetune.pth", small_encoder())
 
 
+def test_classmethod_takes_the_official_argument_order(released):
+    from imagebind_llm.model.imagebind_llm import ImageBindLLM
+
+    model = ImageBindLLM.from_official(ADAPTER / "llama" / "base", ADAPTER / "llama" / "tokenizer.model",
+                                       ADAPTER / "adapter_finetune.pth", released.encoder, phase="finetune")
+    tokens = torch.tensor([IO["results"]["finetune"]["prompt_ids"].tolist()])
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), released(tokens), atol=0, rtol=0)
+
+
 def test_from_official_reproduces_the_official_greedy_answer(released):
     ref = IO["results"]["finetune"]
     out = released.generate([ref["prompt_ids"].tolist()], {"Image": (INPUTS["vision"], 1)}, temperature=0,

@@ -125,6 +125,16 @@ class ImageBindLLM(nn.Module):
             encoder.requires_grad_(False)
         set_trainable(self, config.phase)
 
+    @classmethod
+    def from_official(cls, llama_dir: str | Path, tokenizer: str | Path | None = None,
+                      adapter: str | Path | Mapping[str, torch.Tensor] | None = None,
+                      imagebind: nn.Module | str | Path | None = None, phase: str = "finetune",
+                      **kwargs: Any) -> "ImageBindLLM":
+        """The released model: base weights, tokenizer, adapter file, encoder. See `factory.from_official`."""
+        from imagebind_llm.model.factory import from_official
+
+        return from_official(llama_dir, adapter, imagebind, tokenizer=tokenizer, phase=phase, **kwargs)
+
     # ---------------------------------------------------------------- media -> bind output
     def embed_modality(self, modality: str, x: torch.Tensor) -> torch.Tensor:
         """L2-normalised ImageBind embedding ``[B, feature_dim]`` of one modality batch."""
