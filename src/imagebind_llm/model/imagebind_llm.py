@@ -149,15 +149,8 @@ class ImageBindLLM(nn.Module):
         """Official modality fusion: ``sum_i w_i / (sum_j w_j + 1e-6) * normalize(e_i)`` -> ``[B, feature_dim]``."""
         if not inputs:
             raise ValueError("no media inputs: pass at least one {modality: (tensor, weight)}")
-        weights = [float(w) for _, w in inputs.values()]
-        if any(w < 0 for w in weights):
-            raise ValueError(f"modality weights must be non-negative, got {dict(zip(inputs, weights))}")
-        total = sum(weights) + 1e-6
-        mixed = None
-        for (name, (x, _)), w in zip(inputs.items(), weights):
-            term = (w / total) * self.embed_modality(name, x)
-            mixed = term if mixed is None else mixed + term
-        return mixed
+        embeddings = {name: self.embed_modality(name, x) for name, (x, _) in inputs.items()}
+        return _weighted_sum(embeddings, {name: w for name, (_, w) in inputs.items()})
 
     def encode_inputs(self, inputs: MediaInputs, cache: FeatureRetriever | None = None, top_k: int = 10,
                       temperature: float = 20.0, weight: float = 0.5) -> torch.Tensor:
@@ -168,37 +161,40 @@ class ImageBindLLM(nn.Module):
             cache: optional retrieval cache; its blend is applied to the mixed feature before the bind
                 network with ``top_k``, ``temperature`` and ``weight`` (official defaults 10, 20, 0.5).
         """
-        mixed = self.mix_features(inputs)
-        if cache is not None:
-            mixed = cache.blend(mixed, top_k=top_k, temperature=temperature, weight=weight)
-        return self.bind(mixed.to(self.bind.proj.weight.dtype).unsqueeze(1))
+        return self._bind_features(self.mix_features(inputs), cache, top_k, temperature, weight)
 
     def encode_requests(self, requests: Sequence[MediaInputs | None], cache: FeatureRetriever | None = None,
                         **cache_options: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample media (rows may use different modality sets, or none) -> ``([B, 1, dim], has_media [B])``.
 
-        Each modality is encoded once for all the rows that use it; rows without media get zeros and
-        ``has_media=False`` (they run the plain LLM).
+        Each modality is encoded once for all the rows that use it, each row is mixed with its own
+        weights, and the cache and the bind network run once on the rows with media. Rows without media
+        get zeros and ``has_media=False`` (they run the plain LLM).
         """
-        dim = self.llm.config.dim
+        rows = [{name.lower(): value for name, value in r.items()} if r else {} for r in requests]
+        users: dict[str, list[int]] = {}
+        for i, row in enumerate(rows):
+            for name in row:
+                users.setdefault(name, []).append(i)
+        per_row: list[dict[str, torch.Tensor]] = [{} for _ in rows]
+        for name, indices in users.items():
+            embeddings = self.embed_modality(name, _stack_rows([rows[i][name][0] for i in indices]))
+            for j, i in enumerate(indices):
+                per_row[i][name] = embeddings[j:j + 1]
+        with_media = [i for i, row in enumerate(rows) if row]
         device, dtype = self.bind.proj.weight.device, self.bind.proj.weight.dtype
-        visual = torch.zeros(len(requests), 1, dim, device=device, dtype=dtype)
-        has_media = torch.tensor([bool(r) for r in requests], device=device)
-        rows_by_signature: dict[tuple[str, ...], list[int]] = {}
-        for i, request in enumerate(requests):
-            if request:
-                rows_by_signature.setdefault(tuple(sorted(request)), []).append(i)
-        for names, rows in rows_by_signature.items():
-            batch = {name: _stack_rows([requests[i][name][0] for i in rows]) for name in names}
-            weights = {name: [float(requests[i][name][1]) for i in rows] for name in names}
-            if all(len(set(ws)) == 1 for ws in weights.values()):
-                inputs = {name: (batch[name], weights[name][0]) for name in names}
-                visual[rows] = self.encode_inputs(inputs, cache, **cache_options)
-            else:  # rows share modalities but not weights: encode together, mix per row
-                for j, i in enumerate(rows):
-                    inputs = {name: (batch[name][j:j + 1], weights[name][j]) for name in names}
-                    visual[i] = self.encode_inputs(inputs, cache, **cache_options)[0]
-        return visual, has_media
+        visual = torch.zeros(len(rows), 1, self.llm.config.dim, device=device, dtype=dtype)
+        if with_media:
+            mixed = torch.cat([_weighted_sum(per_row[i], {n: w for n, (_, w) in rows[i].items()}) for i in with_media])
+            visual[with_media] = self._bind_features(mixed, cache, **cache_options)
+        return visual, torch.tensor([bool(row) for row in rows], device=device)
+
+    def _bind_features(self, mixed: torch.Tensor, cache: FeatureRetriever | None = None, top_k: int = 10,
+                       temperature: float = 20.0, weight: float = 0.5) -> torch.Tensor:
+        """Mixed features ``[B, feature_dim]`` -> (cache blend) -> bind network ``[B, 1, dim]``."""
+        if cache is not None:
+            mixed = cache.blend(mixed, top_k=top_k, temperature=temperature, weight=weight)
+        return self.bind(mixed.to(self.bind.proj.weight.dtype).unsqueeze(1))
 
     # ---------------------------------------------------------------- injection into the decoder
     def injections(self, visual: torch.Tensor, has_media: torch.Tensor | None = None) -> list[torch.Tensor | None]:
@@ -390,6 +386,19 @@ def official_names(model: ImageBindLLM) -> dict[str, str]:
 
 def _abbrev(items: Sequence[str], n: int = 8) -> str:
     return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
+
+
+def _weighted_sum(embeddings: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
+    """``sum_i w_i / (sum_j w_j + 1e-6) * e_i`` with the weights as Python floats, as the official code."""
+    values = {name: float(w) for name, w in weights.items()}
+    if any(w < 0 for w in values.values()):
+        raise ValueError(f"modality weights must be non-negative, got {values}")
+    total = sum(values.values()) + 1e-6
+    mixed = None
+    for name, embedding in embeddings.items():
+        term = (values[name] / total) * embedding
+        mixed = term if mixed is None else mixed + term
+    return mixed
 
 
 def _stack_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
