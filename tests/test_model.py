@@ -165,3 +165,17 @@ def test_batch_of_mixed_requests_equals_single_requests(encoder):
     assert [b.tokens for b in batched] == [s.tokens for s in single]
     plain = model.generate([prompts[2]], None, temperature=0, max_new_tokens=12)[0]
     assert batched[2].tokens == plain.tokens
+
+
+def test_rows_with_point_clouds_of_different_sizes_share_a_batch():
+    torch.manual_seed(0)
+    kwargs = json.loads((FIXTURES / "imagebind" / "imagebind_small.json").read_text())["ImageBindModel_kwargs"]
+    encoder = ImageBind(ImageBindConfig.from_dict({**kwargs, "point_depth": 1, "point_num_group": 16})).eval()
+    model = ImageBindLLM(Transformer(LLMConfig.from_name("tiny")), encoder, AdapterConfig(feature_dim=32)).eval()
+    small, large = torch.randn(1, 500, 3), torch.randn(1, 800, 3)
+    with torch.no_grad():
+        batched, has_media = model.encode_requests([{"point": (small, 1.0)}, None, {"Point": (large, 1.0)}])
+        alone = [model.encode_inputs({"point": (cloud, 1.0)}) for cloud in (small, large)]
+    assert has_media.tolist() == [True, False, True]
+    torch.testing.assert_close(batched[[0, 2]], torch.cat(alone), atol=1e-5, rtol=1e-5)
+    assert not batched[1].any()

@@ -172,12 +172,12 @@ class ImageBindLLM(nn.Module):
         get zeros and ``has_media=False`` (they run the plain LLM).
         """
         rows = [{name.lower(): value for name, value in r.items()} if r else {} for r in requests]
-        users: dict[str, list[int]] = {}
+        users: dict[tuple[str, tuple[int, ...]], list[int]] = {}  # same modality and item shape -> one batch
         for i, row in enumerate(rows):
-            for name in row:
-                users.setdefault(name, []).append(i)
+            for name, (x, _) in row.items():
+                users.setdefault((name, _item_shape(x)), []).append(i)
         per_row: list[dict[str, torch.Tensor]] = [{} for _ in rows]
-        for name, indices in users.items():
+        for (name, _), indices in users.items():
             embeddings = self.embed_modality(name, _stack_rows([rows[i][name][0] for i in indices]))
             for j, i in enumerate(indices):
                 per_row[i][name] = embeddings[j:j + 1]
@@ -401,13 +401,18 @@ def _weighted_sum(embeddings: Mapping[str, torch.Tensor], weights: Mapping[str, 
     return mixed
 
 
+def _as_row(x: torch.Tensor) -> torch.Tensor:
+    """One request's media tensor, ``[1, ...]`` or ``[...]``, as ``[1, ...]``."""
+    return x if x.ndim and x.shape[0] == 1 else x.unsqueeze(0)
+
+
+def _item_shape(x: torch.Tensor) -> tuple[int, ...]:
+    return tuple(_as_row(x).shape[1:])
+
+
 def _stack_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Per-row media tensors (each ``[1, ...]`` or ``[...]``) -> one batch ``[N, ...]``."""
-    rows = [t if t.ndim and t.shape[0] == 1 else t.unsqueeze(0) for t in tensors]
-    shapes = {tuple(t.shape[1:]) for t in rows}
-    if len(shapes) > 1:
-        raise ValueError(f"rows of one modality must share a shape after preprocessing, got {sorted(shapes)}")
-    return torch.cat(rows)
+    """Per-row media tensors of one shape (each ``[1, ...]`` or ``[...]``) -> one batch ``[N, ...]``."""
+    return torch.cat([_as_row(t) for t in tensors])
 
 
 # -------------------------------------------------------------------- what trains in each stage
