@@ -179,3 +179,18 @@ def test_rows_with_point_clouds_of_different_sizes_share_a_batch():
     assert has_media.tolist() == [True, False, True]
     torch.testing.assert_close(batched[[0, 2]], torch.cat(alone), atol=1e-5, rtol=1e-5)
     assert not batched[1].any()
+
+
+def test_injection_into_the_last_layers_only():
+    torch.manual_seed(0)
+    llm = Transformer(LLMConfig.from_name("tiny")).eval()
+    model = ImageBindLLM(llm, None, AdapterConfig(feature_dim=16, inject_layers=1, phase="pretrain")).eval()
+    exported = model.official_adapter_state_dict()
+    assert [k for k in exported if k.endswith(".gate")] == ["llama.layers.1.attention.gate"]
+    assert tuple(exported["prefix_query.weight"].shape) == (1, llm.config.dim)
+    with torch.no_grad():
+        model.gates[0].fill_(1.0)
+        injections = model.injections(model.bind(torch.randn(2, 1, 16)))
+    assert injections[0] is None and injections[1].shape == (2, 1, llm.config.n_heads, llm.config.head_dim)
+    with pytest.raises(ValueError, match="inject_layers"):
+        ImageBindLLM(llm, None, AdapterConfig(feature_dim=16, inject_layers=3, phase="pretrain"))
