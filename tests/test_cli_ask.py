@@ -100,3 +100,18 @@ def test_multi_turn_chat_keeps_the_media_injected():
     assert second == expected
     assert "".join(start_chat(model, None).respond("And the colours?", max_new_tokens=8, temperature=0)) != \
         "".join(start_chat(model, media).respond("And the colours?", max_new_tokens=8, temperature=0))
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ["chat", "ask", "merge-delta", "weights", "cache", "train"]:
+        assert command in out, command
+    with pytest.raises(SystemExit):
+        main(["ask", "--help"])
+    out = capsys.readouterr().out
+    for option in ["--image", "--video", "--audio", "--point", "--depth", "--thermal", "--imu", "--text", "--weight",
+                   "--cache", "--adapter", "--weights", "--imagebind", "--stream", "--top-p", "--temperature"]:
+        assert option in out, option
