@@ -233,3 +233,10 @@ def test_official_preprocessed_media(small, key, modality):
     with torch.no_grad():
         out = small({modality: x})[modality]
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_load_official_takes_a_json_config_and_detects_the_point_branch():
+    from imagebind_llm.encoders import load_official
+
+    model = load_official(FIX / "imagebind_small.pth", FIX / "imagebind_small.json")
+    assert not model.config.with_point and model.config.out_embed_dim == 32

@@ -9,11 +9,9 @@ mismatched weights, invalid options) are printed as one line on stderr with a no
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 
@@ -131,7 +129,7 @@ def _add_media_args(p: argparse.ArgumentParser) -> None:
     media.add_argument("--imagebind", help="official ImageBind checkpoint: a path or a registry name "
                                            "(imagebind_w3D.pth, imagebind_huge.pth)")
     media.add_argument("--imagebind-config", help="JSON file of ImageBindModel arguments for --imagebind "
-                                                  "(default: huge, with the point branch iff the checkpoint has one)")
+                                                  "(default: huge); the point branch follows the checkpoint unless given")
     media.add_argument("--phase", choices=["finetune", "pretrain"], default="finetune", help="adapter structure")
     media.add_argument("--cache", help="retrieval cache folder (imagebind-llm cache build)")
     media.add_argument("--cache-top-k", type=int, default=10, help="neighbours blended")
@@ -149,11 +147,6 @@ def _load_multimodal(args: argparse.Namespace):
     from imagebind_llm.model.media import load_media, parse_weights
 
     dtype = _DTYPES[args.dtype]
-    imagebind_config = None
-    if args.imagebind_config:
-        from imagebind_llm.encoders import ImageBindConfig
-
-        imagebind_config = ImageBindConfig.from_dict(json.loads(Path(args.imagebind_config).read_text()))
     sources = {name: getattr(args, name) for name in (*_MEDIA_FILES, "text") if getattr(args, name) is not None}
     media = load_media(sources, parse_weights(args.weight), dtype=dtype) if sources else None
     if args.adapter:
@@ -166,7 +159,7 @@ def _load_multimodal(args: argparse.Namespace):
         if not (args.model and args.adapter):
             raise ValueError("--model and --adapter go together (base LLM + official adapter file)")
         model = from_official(args.model, args.adapter, args.imagebind, phase=args.phase, dtype=dtype,
-                              device=args.device, imagebind_config=imagebind_config)
+                              device=args.device, imagebind_config=args.imagebind_config)
     else:
         print("note: embedded demo model (untrained gates): media do not influence the answer until trained or "
               "released weights are loaded (--model/--adapter or --weights)", file=sys.stderr)

@@ -138,18 +138,13 @@ def image_encoder(args: argparse.Namespace) -> Callable[[list[str]], np.ndarray]
     """``list of image paths -> [n, D]`` unit-norm ImageBind vision features, from CLI arguments."""
     import torch
 
-    from imagebind_llm.encoders import ImageBindConfig, load_official, read_state_dict
-    from imagebind_llm.encoders.checkpoint import has_point_branch
+    from imagebind_llm.encoders import load_official
     from imagebind_llm.preprocess.image import load_images
 
     if not args.imagebind:
         raise ValueError("encoding images needs --imagebind PATH (official ImageBind weights)")
-    state = read_state_dict(args.imagebind)
-    config = None  # load_official's default: huge, with the point branch iff the file has one
-    if args.config != "huge":
-        kwargs = json.loads(Path(args.config).read_text())
-        config = ImageBindConfig.from_dict({"with_point": has_point_branch(state), **kwargs})
-    model = load_official(state, config, device=args.device)
+    # None: huge, with the point branch iff the file has one
+    model = load_official(args.imagebind, None if args.config == "huge" else args.config, device=args.device)
 
     @torch.inference_mode()
     def encode(paths: list[str]) -> np.ndarray:

@@ -11,9 +11,11 @@ are embedded per clip, post-processed, then averaged over clips (not re-normalis
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -336,17 +338,22 @@ class ImageBind(nn.Module):
         return self
 
 
-def load_official(source: str | Path | Mapping[str, torch.Tensor], config: ImageBindConfig | None = None, *,
+def load_official(source: str | Path | Mapping[str, torch.Tensor],
+                  config: ImageBindConfig | Mapping[str, Any] | str | Path | None = None, *,
                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> ImageBind:
     """Build an ``ImageBind`` on the meta device and load an official checkpoint straight into ``dtype``.
 
     Args:
         source: path (``.pth``/``.pt``/``.safetensors``) or an official-layout state dict.
-        config: defaults to ``ImageBindConfig.huge()`` with the point branch iff the file has one.
+        config: an `ImageBindConfig`; or official ``ImageBindModel`` arguments as a dict or a JSON file
+            (optionally wrapped as ``{"ImageBindModel_kwargs": {...}}``), whose ``with_point`` defaults
+            to whether the checkpoint has a point branch; None: ``ImageBindConfig.huge()``, likewise.
     """
     state = read_state_dict(source) if isinstance(source, (str, Path)) else source
-    if config is None:
-        config = ImageBindConfig.huge(with_point=has_point_branch(state))
+    if not isinstance(config, ImageBindConfig):
+        fields = json.loads(Path(config).read_text()) if isinstance(config, (str, Path)) else dict(config or {})
+        fields = {"with_point": has_point_branch(state), **fields.get("ImageBindModel_kwargs", fields)}
+        config = ImageBindConfig.from_dict(fields) if config is not None else ImageBindConfig.huge(**fields)
     with torch.device("meta"):
         model = ImageBind(config)
     model.load_official(state, dtype=dtype, device=device)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -18,7 +18,7 @@ from imagebind_llm.encoders import ImageBind, ImageBindConfig, load_official as 
 from imagebind_llm.llm.config import LLMConfig
 from imagebind_llm.llm.tokenizer import load_tokenizer
 from imagebind_llm.llm.weights import load_llm
-from imagebind_llm.llm.weights.meta import load_meta_state_dict, meta_shards
+from imagebind_llm.llm.weights.meta import meta_shards
 from imagebind_llm.model.checkpoint import CheckpointMismatchError, is_legacy_bind, read_adapter_file
 from imagebind_llm.model.imagebind_llm import AdapterConfig, ImageBindLLM
 
@@ -38,7 +38,8 @@ DEMO_ENCODER = dict(
 )
 
 
-def _encoder(imagebind: nn.Module | str | Path | None, config: ImageBindConfig | None, dtype: torch.dtype,
+def _encoder(imagebind: nn.Module | str | Path | None, config: ImageBindConfig | str | Path | None,
+             dtype: torch.dtype,
              device: torch.device | str) -> nn.Module | None:
     if imagebind is None or isinstance(imagebind, nn.Module):
         return imagebind
@@ -59,7 +60,7 @@ def _warn_if_vanilla_base(llm_path: Path, adapter: Mapping[str, torch.Tensor], l
 
 def from_official(llm_path: str | Path, adapter: str | Path | Mapping[str, torch.Tensor] | None = None,
                   imagebind: nn.Module | str | Path | None = None, *, tokenizer: str | Path | None = None,
-                  phase: str = "finetune", imagebind_config: ImageBindConfig | None = None,
+                  phase: str = "finetune", imagebind_config: ImageBindConfig | str | Path | None = None,
                   dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                   max_seq_len: int = 512) -> ImageBindLLM:
     """The released ImageBind-LLM: base LLM first, then the adapter file, as the official ``llama.load``.
@@ -72,7 +73,8 @@ def from_official(llm_path: str | Path, adapter: str | Path | Mapping[str, torch
             ``imagebind_huge.pth``); None for a model without media.
         tokenizer: a ``tokenizer.model``/``tokenizer.json`` path when it is not beside the weights.
         phase: ``"finetune"`` (stage-2 structure, for ``7B.pth``) or ``"pretrain"``.
-        imagebind_config: encoder configuration; by default huge, with the point branch iff the file has one.
+        imagebind_config: encoder configuration, or a JSON file of ImageBindModel arguments; by default huge,
+            with the point branch iff the file has one.
         max_seq_len: context length (the official model uses 512).
     """
     llm_path = Path(llm_path)

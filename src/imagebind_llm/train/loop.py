@@ -11,7 +11,6 @@ defaults of their YAML); see ``recipes/``. One optimiser step (`train_step`) is:
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -26,8 +25,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
 
-from imagebind_llm.encoders import ImageBindConfig, load_official as load_official_encoder, read_state_dict
-from imagebind_llm.encoders.checkpoint import has_point_branch
+from imagebind_llm.encoders import load_official as load_official_encoder
 from imagebind_llm.llm.tokenizer import load_tokenizer
 from imagebind_llm.llm.weights import load_llm
 from imagebind_llm.model.checkpoint import CheckpointMismatchError, is_legacy_bind, read_adapter_file
@@ -182,13 +180,7 @@ def load_encoder(cfg: dict[str, Any]) -> nn.Module:
     if not cfg["imagebind"]:
         raise ValueError("this run encodes images, so it needs model.imagebind (an ImageBind checkpoint such as "
                          "imagebind_w3D.pth); stage 1 can instead train from data.features")
-    state = read_state_dict(cfg["imagebind"])
-    config = None
-    if cfg["imagebind_config"]:
-        fields = json.loads(Path(cfg["imagebind_config"]).read_text())
-        fields = fields.get("ImageBindModel_kwargs", fields)
-        config = ImageBindConfig.from_dict({"with_point": has_point_branch(state), **fields})
-    return load_official_encoder(state, config)
+    return load_official_encoder(cfg["imagebind"], cfg["imagebind_config"] or None)
 
 
 def _read_adapter(source: str) -> tuple[str, dict[str, torch.Tensor]]:
