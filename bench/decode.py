@@ -1,15 +1,23 @@
-"""Decode speed of our decoder vs `transformers` `generate` on the embedded SmolLM2-135M (CPU, fp32).
+"""Decode speed of our decoder vs `transformers` `generate` on the embedded SmolLM2-135M (CPU, float32).
 
-Both models hold the same fp32 weights (dequantised from the bundled GGUF), run greedy on the same
-chat prompt for the same number of new tokens (``min_new_tokens`` on both sides: EOS is suppressed
-until then), and must produce identical tokens. For each implementation and batch size:
+All three read the same weights, the bundled GGUF (Q4_1 projections, Q8_0 tied embedding):
+
+* ``ours``: our decoder as `load_gguf` builds it by default, the projections kept in their Q4_1/Q8_0
+  blocks and multiplied by the compiled kernels (float32 activations and accumulation);
+* ``ours fp32``: our decoder with every tensor dequantised to float32 (``quantized=False``);
+* ``transformers``: `LlamaForCausalLM` from transformers' own GGUF loader (dequantised to float32).
+
+Each runs greedy on the same chat prompt for the same number of new tokens (``min_new_tokens`` on all
+sides: EOS is suppressed until then), and all must produce identical tokens. Per batch size:
 
 * prompt tok/s = ``B * prompt_len / t(1 new token)`` (the prefill, plus one sampling step),
 * decode tok/s = ``B * (N - 1) / (t(N new tokens) - t(1 new token))``,
 
-each the best of ``--repeats`` runs, alternating the two implementations. ``weights GB/s`` is the
-parameter bytes read per decode step times steps/s: at batch 1 decoding is bound by memory bandwidth,
-so this column shows how close each implementation gets to the machine's limit. Run: ``python bench/decode.py [--new-tokens 64]``.
+each the best of ``--repeats`` runs, alternating the implementations so that load from other processes
+hits all alike. ``weights MB`` is what one decode step reads of weights and ``weights GB/s`` that times
+steps/s: at batch 1 decoding is bound by memory traffic, which the quantised blocks cut 5x.
+
+    python bench/decode.py [--new-tokens 64] [--batch-sizes 1 8] [--threads 2]
 """
 
 from __future__ import annotations
@@ -20,17 +28,25 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
+from imagebind_llm.llm import kernels
 from imagebind_llm.llm.generate import generate
 from imagebind_llm.llm.weights.gguf import find_default_gguf, load_gguf
 
 PROMPT = "What is the capital of France? Answer in one sentence, then name three famous landmarks there."
+PEER = "transformers"
 
 
 def timed(fn: Callable[[], list[list[int]]]) -> tuple[float, list[list[int]]]:
     start = time.perf_counter()
     out = fn()
     return time.perf_counter() - start, out
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of distinct weight tensors (tied ones counted once; KV caches are not in the state dict)."""
+    return sum({t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}.values())
 
 
 def main() -> None:
@@ -46,54 +62,57 @@ def main() -> None:
     import transformers  # the peer; imported late so HF_HUB_OFFLINE applies
 
     path = find_default_gguf()
-    ours, _ = load_gguf(path, dtype=torch.float32)
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                               dtype=torch.float32).eval()
+    models = {"ours": load_gguf(path)[0], "ours fp32": load_gguf(path, quantized=False)[0],
+              PEER: transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                                      dtype=torch.float32).eval()}
+    if kernels.unavailable_reason():
+        print(f"note: quantised kernels unavailable ({kernels.unavailable_reason()}); 'ours' is dense too")
     hf_tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     prompt = hf_tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
-    prompt = list(prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
     n = args.new_tokens
 
-    def run_ours(batch: int, new: int) -> list[list[int]]:
-        completions = generate(ours, [prompt] * batch, max_new_tokens=new, min_new_tokens=new,
+    def run_ours(model: nn.Module, batch: int, new: int) -> list[list[int]]:
+        completions = generate(model, [prompt] * batch, max_new_tokens=new, min_new_tokens=new,
                                stop_token_ids=[hf_tok.eos_token_id])
         return [c.tokens for c in completions]
 
     @torch.inference_mode()
-    def run_theirs(batch: int, new: int) -> list[list[int]]:
+    def run_peer(model: nn.Module, batch: int, new: int) -> list[list[int]]:
         ids = torch.tensor([prompt] * batch)
-        out = theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                              do_sample=False, pad_token_id=hf_tok.eos_token_id)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                             do_sample=False, pad_token_id=hf_tok.eos_token_id)
         return out[:, len(prompt):].tolist()
 
-    run_ours(1, 2), run_theirs(1, 2)  # warm-up
-    rows, identical = [], True
+    runs = {name: (lambda b, k, m=model, r=(run_peer if name == PEER else run_ours): r(m, b, k))
+            for name, model in models.items()}
+    for run in runs.values():
+        run(1, 2)  # warm-up
+    table, identical = [], True
     for batch in args.batch_sizes:
-        # Alternate the implementations so that load from other processes hits both alike.
-        times = {name: [float("inf"), float("inf"), None] for name in ("ours", "transformers")}
+        best = {name: [float("inf"), float("inf"), None] for name in runs}
         for _ in range(args.repeats):
-            for name, run in (("ours", run_ours), ("transformers", run_theirs)):
+            for name, run in runs.items():
                 t1, _ = timed(lambda: run(batch, 1))
                 tn, out = timed(lambda: run(batch, n))
-                times[name] = [min(times[name][0], t1), min(times[name][1], tn), out]
-        result = {name: (batch * len(prompt) / t1, batch * (n - 1) / (tn - t1), out)
-                  for name, (t1, tn, out) in times.items()}
-        identical &= result["ours"][2] == result["transformers"][2]
-        rows.append((batch, result))
+                best[name] = [min(best[name][0], t1), min(best[name][1], tn), out]
+        speeds = {name: (batch * len(prompt) / t1, batch * (n - 1) / (tn - t1)) for name, (t1, tn, _) in best.items()}
+        identical &= all(best[name][2] == best[PEER][2] for name in runs)
+        table.append((batch, speeds))
 
-    print(f"SmolLM2-135M fp32 on CPU ({torch.get_num_threads()} threads), prompt {len(prompt)} tokens, "
-          f"{n} new tokens, greedy; best of {args.repeats}")
-    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
-    print(f"{'batch':>5} | {'impl':<12} | {'prompt tok/s':>12} | {'decode tok/s':>12} | {'weights GB/s':>12}")
-    print("-" * 67)
-    for batch, result in rows:
-        for name, (pp, dec, _) in result.items():
-            print(f"{batch:>5} | {name:<12} | {pp:>12.1f} | {dec:>12.1f} | {weight_bytes * dec / batch / 1e9:>12.1f}")
-        pp_ratio = result["ours"][0] / result["transformers"][0]
-        dec_ratio = result["ours"][1] / result["transformers"][1]
-        print(f"{batch:>5} | {'ratio':<12} | {pp_ratio:>11.2f}x | {dec_ratio:>11.2f}x |")
+    print(f"SmolLM2-135M-Instruct ({path.name}) on CPU, {torch.get_num_threads()} threads, float32 activations; "
+          f"prompt {len(prompt)} tokens, {n} new tokens, greedy, best of {args.repeats}")
+    sizes = {name: weight_bytes(model) for name, model in models.items()}
+    header = f"{'batch':>5} | {'impl':<12} | {'prompt tok/s':>12} | {'decode tok/s':>12} | " \
+             f"{'prompt ratio':>12} | {'decode ratio':>12} | {'weights MB':>10} | {'weights GB/s':>12}"
+    print(header + "\n" + "-" * len(header))
+    for batch, speeds in table:
+        for name, (pp, dec) in speeds.items():
+            pr, dr = (f"{pp / speeds[PEER][0]:.2f}x", f"{dec / speeds[PEER][1]:.2f}x") if name != PEER else ("", "")
+            print(f"{batch:>5} | {name:<12} | {pp:>12.1f} | {dec:>12.1f} | {pr:>12} | {dr:>12} | "
+                  f"{sizes[name] / 1e6:>10.0f} | {sizes[name] * dec / batch / 1e9:>12.1f}")
     print(f"greedy outputs identical: {identical}")
-    print(f"sample (batch 1, ours): {hf_tok.decode(rows[0][1]['ours'][2][0])!r}")
+    print(f"sample: {hf_tok.decode(best[PEER][2][0])!r}")
 
 
 if __name__ == "__main__":

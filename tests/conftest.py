@@ -28,7 +28,16 @@ def smollm2_loaded(smollm2_gguf):
 
 @pytest.fixture(scope="session")
 def smollm2(smollm2_loaded):
+    """Our SmolLM2 as loaded by default: Q4_1/Q8_0 projections kept quantised when the kernels build."""
     return smollm2_loaded[0]
+
+
+@pytest.fixture(scope="session")
+def smollm2_dense(smollm2_gguf):
+    """Our SmolLM2 with every tensor dequantised to float32 parameters."""
+    from imagebind_llm.llm.weights.gguf import load_gguf
+
+    return load_gguf(smollm2_gguf, dtype=torch.float32, quantized=False)[0]
 
 
 @pytest.fixture(scope="session")

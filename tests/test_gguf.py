@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from imagebind_llm.llm import kernels
 from imagebind_llm.llm.config import LLMConfig
 from imagebind_llm.llm.model import Transformer
+from imagebind_llm.llm.quantized import QuantizedEmbedding, QuantizedLinear
 from imagebind_llm.llm.weights.common import CheckpointMismatchError, WeightsFormatError
 from imagebind_llm.llm.weights.gguf import find_default_gguf, gguf_config, load_gguf
 
@@ -112,7 +114,7 @@ def test_quantised_tensors_round_trip(tmp_path):
     assert {q for _, q in tensors.values()} >= set(TYPES)
     path = tmp_path / "tiny.gguf"
     _write(path, CONFIG, tensors)
-    model, metadata = load_gguf(path)
+    model, metadata = load_gguf(path, quantized=False)
     assert metadata["general.architecture"] == "llama"
     state = model.state_dict()
     for name, (array, qtype) in tensors.items():
@@ -196,8 +198,9 @@ def test_find_default_gguf(monkeypatch):
         find_default_gguf()
 
 
-def _f32_file_from_model(path, model, arch: str) -> None:
-    """Write `model` as llama.cpp would: F32 tensors, q/k rows in rotate-half layout for qwen2."""
+def _f32_file_from_model(path, model, arch: str, types: dict[str, Q] | None = None) -> None:
+    """Write `model` as llama.cpp would: F32 tensors (or ``types[gguf role]`` for weight matrices),
+    q/k rows in rotate-half layout for qwen2."""
     from imagebind_llm.llm.weights.hf import meta_to_hf_rotary
 
     config = model.config
@@ -212,7 +215,9 @@ def _f32_file_from_model(path, model, arch: str) -> None:
                 value = meta_to_hf_rotary(value, config.n_heads if role == "attention.wq" else config.n_kv_heads)
         else:
             name = f"{names[parts[0]]}.weight"
-        tensors[name] = (value.detach().numpy().copy(), Q.F32)
+        role = name.split(".")[-2]
+        qtype = (types or {}).get(role, Q.F32) if value.dim() == 2 else Q.F32
+        tensors[name] = (value.detach().numpy().copy(), qtype)
     _write(path, config, tensors, arch=arch)
 
 
@@ -241,3 +246,62 @@ def test_tiny_gguf_logits_match_transformers_gguf_loader(tmp_path, arch):
         expected = model(tokens)
         torch.testing.assert_close(ours(tokens), expected, rtol=0, atol=0)
         torch.testing.assert_close(theirs(tokens).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+QUANTISED_ROLES = {"token_embd": Q.Q8_0, "attn_q": Q.Q4_1, "attn_k": Q.Q4_0, "attn_v": Q.Q8_0, "attn_output": Q.Q4_1,
+                   "ffn_gate": Q.Q4_0, "ffn_up": Q.Q4_1, "ffn_down": Q.Q8_0}
+
+
+def _random_model(config: LLMConfig) -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1) if p.dim() > 1 else p.uniform_(-0.2, 0.2)
+        for layer in model.layers:
+            layer.attention_norm.weight.uniform_(0.5, 1.5)
+            layer.ffn_norm.weight.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_quantised_projections_stay_in_blocks_and_match_transformers(tmp_path, arch):
+    """Q4_0/Q4_1/Q8_0 projections and a tied Q8_0 embedding, kept quantised, against transformers'
+    GGUF loader (which dequantises with the gguf package): prefill and token-by-token decoding."""
+    import transformers
+
+    config = LLMConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, norm_eps=1e-6,
+                       rope_theta=10000.0, max_seq_len=128, attn_bias=arch == "qwen2", tie_embeddings=True)
+    path = tmp_path / f"q-{arch}.gguf"
+    _f32_file_from_model(path, _random_model(config), arch, QUANTISED_ROLES)
+    ours, _ = load_gguf(path, quantized=True)
+    dense, _ = load_gguf(path, quantized=False)
+    quantised = {name: m for name, m in ours.named_modules() if isinstance(m, QuantizedLinear)}
+    assert len(quantised) == 7 * config.n_layers + 1 and isinstance(ours.tok_embeddings, QuantizedEmbedding)
+    assert ours.output.quantized is ours.tok_embeddings.quantized  # tied: one copy of the blocks
+    for name, module in quantised.items():  # the blocks decode to exactly what the dense load holds
+        assert torch.equal(module.quantized.dequantize(), dense.get_submodule(name).weight), name
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name,
+                                                               dtype=torch.float32).eval()
+    tokens = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = theirs(tokens).logits
+        torch.testing.assert_close(ours(tokens), expected, rtol=0, atol=1e-4)
+        ours.setup_caches(2, 40)
+        steps = [ours(tokens[:, :30], torch.arange(30))]
+        steps += [ours(tokens[:, p: p + 1], torch.tensor([p])) for p in range(30, 40)]
+        torch.testing.assert_close(torch.cat(steps, 1), expected, rtol=0, atol=1e-4)
+
+
+def test_default_load_is_dense_without_kernels_or_off_cpu_float32(tmp_path, monkeypatch):
+    config = LLMConfig(vocab_size=64, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=96,
+                       max_seq_len=64, tie_embeddings=True)
+    path = tmp_path / "q.gguf"
+    _f32_file_from_model(path, _random_model(config), "llama", QUANTISED_ROLES)
+    if kernels.available():
+        assert isinstance(load_gguf(path)[0].layers[0].attention.wq, QuantizedLinear)
+    assert isinstance(load_gguf(path, dtype=torch.bfloat16)[0].layers[0].attention.wq, torch.nn.Linear)
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    model = load_gguf(path)[0]
+    assert isinstance(model.layers[0].attention.wq, torch.nn.Linear)
+    assert model.output.weight is model.tok_embeddings.weight

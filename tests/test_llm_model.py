@@ -96,7 +96,10 @@ def test_smollm2_batch_of_different_lengths_matches_transformers(smollm2, hf_smo
     smollm2.reset_caches()
 
 
-def test_smollm2_incremental_decoding_matches_full_sequence(smollm2, hf_smollm2, smollm2_tokenizer):
+@pytest.mark.parametrize("variant", ["smollm2", "smollm2_dense"])
+def test_smollm2_incremental_decoding_matches_full_sequence(variant, hf_smollm2, smollm2_tokenizer, request):
+    """One token at a time: the quantised variant runs every projection through the Q4_1/Q8_0 kernels."""
+    smollm2 = request.getfixturevalue(variant)
     ids = smollm2_tokenizer.encode(TEXTS[0])
     full = torch.tensor([ids])
     n_prefill = len(ids) - 6
@@ -109,6 +112,24 @@ def test_smollm2_incremental_decoding_matches_full_sequence(smollm2, hf_smollm2,
         smollm2.reset_caches()
     incremental = torch.cat(steps)
     assert (incremental - ref).abs().max() <= 1e-4
+
+
+def test_smollm2_batched_decode_step_matches_transformers(smollm2, hf_smollm2, smollm2_tokenizer):
+    """A decode step for rows at different positions (several rows per kernel call) against transformers."""
+    prompts = _tokens(smollm2_tokenizer, TEXTS)
+    S = max(len(p) for p in prompts)
+    batch = torch.zeros(len(prompts), S, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        batch[i, : len(p)] = torch.tensor(p)
+    prefill = torch.tensor([len(p) - 1 for p in prompts])
+    with torch.inference_mode():
+        smollm2.setup_caches(len(prompts), S)
+        smollm2(batch, torch.arange(S))
+        step = smollm2(batch.gather(1, prefill[:, None]), prefill[:, None])[:, 0]
+        smollm2.reset_caches()
+        for i, p in enumerate(prompts):
+            ref = hf_smollm2(torch.tensor([p])).logits[0, -1]
+            assert (step[i] - ref).abs().max() <= 1e-4
 
 
 def test_per_row_positions_equal_running_rows_alone():

@@ -127,7 +127,7 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], *, max
     _check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (add BOS to empty prompts)")
-    device = model.tok_embeddings.weight.device
+    device = model.norm.weight.device
     vocab = model.config.vocab_size
     bad = [t for p in prompts for t in p if not 0 <= t < vocab]
     if bad:

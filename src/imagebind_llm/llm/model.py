@@ -38,9 +38,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.type_as(x)
+        # Normalise in float32, cast back, then scale (Meta's order); one fused kernel for the first part.
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).type_as(x)
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> Tensor:
@@ -85,13 +84,12 @@ class KVCache(nn.Module):
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("rows", torch.arange(batch_size, device=device)[:, None], persistent=False)
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store ``k``/``v`` ``[B, Hkv, S, D]`` at positions ``input_pos`` ``[B, S]``; return the full caches."""
-        # Advanced indices on dims 0 and 2 around a slice put the indexed dims first: [B, S, Hkv, D].
-        self.k[self.rows, :, input_pos] = k.transpose(1, 2).to(self.k.dtype)
-        self.v[self.rows, :, input_pos] = v.transpose(1, 2).to(self.v.dtype)
+        slots = input_pos[:, None, :, None].expand(k.shape)
+        self.k.scatter_(2, slots, k.to(self.k.dtype))
+        self.v.scatter_(2, slots, v.to(self.v.dtype))
         return self.k, self.v
 
 
@@ -206,7 +204,7 @@ class Transformer(nn.Module):
         if max_seq_len > self.config.max_seq_len:
             raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's "
                              f"config.max_seq_len={self.config.max_seq_len}; shorten the prompt or max_new_tokens")
-        param = self.tok_embeddings.weight
+        param = self.norm.weight  # a plain parameter even when the projections are quantised
         dtype = dtype or param.dtype
         device = torch.device(device) if device is not None else param.device
         old = self.layers[0].attention.kv_cache
@@ -286,4 +284,5 @@ def _fill_tied_output(module: Transformer, state_dict: dict, prefix: str, *args)
 
 
 def _retie_output(module: Transformer, incompatible_keys) -> None:
-    module.output.weight = module.tok_embeddings.weight
+    if isinstance(module.output, nn.Linear) and isinstance(module.tok_embeddings, nn.Embedding):
+        module.output.weight = module.tok_embeddings.weight  # (quantised GGUF modules share theirs already)

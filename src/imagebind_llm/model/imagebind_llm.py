@@ -113,7 +113,7 @@ class ImageBindLLM(nn.Module):
         if not 0 < n_inject <= n_layers:
             raise ValueError(f"inject_layers={config.inject_layers} must be in 1..{n_layers}")
         self.first_injected_layer = n_layers - n_inject
-        device = llm.tok_embeddings.weight.device
+        device = llm.norm.weight.device
         self.bind = BindNetwork(config.feature_dim, dim, config.bind_hidden_dim or 4 * dim, config.bind_blocks,
                                 legacy=config.legacy_bind).to(device)
         self.prefix = nn.Parameter(torch.randn(n_inject, dim, device=device))  # official: nn.Embedding N(0,1)
@@ -208,7 +208,7 @@ class ImageBindLLM(nn.Module):
         out: list[torch.Tensor | None] = [None] * self.first_injected_layer
         for j, layer in enumerate(self.llm.layers[self.first_injected_layer:]):
             adapter = visual + self.prefix[j].to(visual.dtype)
-            values = base_linear(layer.attention.wv, adapter.to(layer.attention.wv.weight.dtype))
+            values = base_linear(layer.attention.wv, adapter.to(self.llm.norm.weight.dtype))
             values = values.view(visual.shape[0], 1, cfg.n_kv_heads, cfg.head_dim)
             values = values.repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=2)
             term = torch.tanh(self.gates[j]).to(values.dtype).view(1, 1, -1, 1) * values

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from imagebind_llm.llm.model import Transformer
+from imagebind_llm.llm.quantized import QuantizedLinear
 
 ATTENTION_PROJECTIONS = ("wq", "wk", "wv", "wo")
 FFN_PROJECTIONS = ("w1", "w2", "w3")
@@ -79,12 +80,15 @@ def _add_zero_bias(linear: nn.Linear) -> None:
 def add_finetune_modules(llm: Transformer, rank: int = 16) -> None:
     """Turn a plain decoder into the stage-2 structure in place: LoRA everywhere, biases on q/o/w1/w2/w3.
 
-    Idempotent: projections that already carry LoRA or a bias are left as they are.
+    Idempotent: projections that already carry LoRA or a bias are left as they are. Quantised GGUF
+    projections (`QuantizedLinear`) are dequantised to float32 first: LoRA trains on dense weights.
     """
     for layer in llm.layers:
         for parent, names in ((layer.attention, ATTENTION_PROJECTIONS), (layer.feed_forward, FFN_PROJECTIONS)):
             for name in names:
                 linear = getattr(parent, name)
+                if isinstance(linear, QuantizedLinear):
+                    linear = linear.to_linear()
                 if name in BIASED_PROJECTIONS:
                     _add_zero_bias(linear)
                 if not isinstance(linear, LoRALinear):

@@ -5,6 +5,11 @@ Q4_1, Q4_K, Q6_K, ...) to float32 numpy arrays; we convert one tensor at a time 
 dtype and device and assign it into a model built on the ``meta`` device, so the file is never held
 twice in memory.
 
+Quantised projections: Q4_0, Q4_1 and Q8_0 weights of the linear layers (and the token embedding) can
+stay in their blocks as `QuantizedLinear` / `QuantizedEmbedding` modules, computed with the compiled
+CPU kernels; by default this happens for float32 models on the CPU when the kernels are available.
+Other types (Q4_K, Q6_K, ...) are always dequantised.
+
 Rotary layout: llama.cpp's converter stores Q/K of ``llama`` models in Meta's interleaved-pair layout,
 which is ours, but leaves ``qwen2`` models (run with NEOX-style RoPE) in Hugging Face's rotate-half
 layout; their q/k rows get the same permutation as Hugging Face checkpoints.
@@ -22,7 +27,9 @@ import numpy as np
 import torch
 
 from ..config import LLMConfig
+from .. import kernels
 from ..model import Transformer
+from ..quantized import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 from .common import CheckpointMismatchError, WeightsFormatError, check_complete, check_shape, expected_shapes, map_key
 from .hf import _rotary_heads, hf_to_meta_rotary
 
@@ -145,14 +152,58 @@ def _to_torch(tensor: Any, dtype: torch.dtype, device: torch.device | str) -> to
     return torch.from_numpy(array).to(device=device, dtype=dtype)
 
 
-def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32,
-              device: torch.device | str = "cpu") -> tuple[Transformer, dict[str, Any]]:
+# GGUF block layouts: (bytes per block, byte offset of the values); scales (and Q4_1 offsets) are float16.
+_BLOCK_BYTES = {"Q4_0": (18, 2), "Q4_1": (20, 4), "Q8_0": (34, 2)}
+
+
+def _quantized_weight(tensor: Any, shape: tuple[int, int]) -> QuantizedWeight:
+    """The blocks of a Q4_0 / Q4_1 / Q8_0 GGUF tensor ``[N, K]`` as a `QuantizedWeight` (no dequantisation)."""
+    kind = tensor.tensor_type.name
+    size, start = _BLOCK_BYTES[kind]
+    raw = np.asarray(tensor.data).view(np.uint8).reshape(shape[0], shape[1] // 32, size)
+    scales = torch.from_numpy(raw[..., 0:2].copy().view(np.float16)[..., 0]).float()
+    values = torch.from_numpy(np.ascontiguousarray(raw[..., start:]).reshape(shape[0], -1))
+    if kind == "Q8_0":
+        return QuantizedWeight("q8_0", values.view(torch.int8), scales)
+    # Q4_0 stores q - 8: it is Q4_1 with offset -8 d (exact in float32).
+    offsets = torch.from_numpy(raw[..., 2:4].copy().view(np.float16)[..., 0]).float() if kind == "Q4_1" else -8 * scales
+    return QuantizedWeight("q4_1", values, scales, offsets)
+
+
+def _install_quantized(model: Transformer, packed: dict[str, QuantizedWeight]) -> None:
+    """Swap the modules whose weights are in `packed` for quantised ones (the tied LM head shares the embedding's)."""
+    for key, weight in packed.items():
+        name = key.removesuffix(".weight")
+        if name == "tok_embeddings":
+            model.tok_embeddings = QuantizedEmbedding(weight)
+            if model.config.tie_embeddings:
+                model.output = QuantizedLinear(weight)
+        else:
+            linear = model.get_submodule(name)
+            model.set_submodule(name, QuantizedLinear(weight, bias=None if linear.bias is None else linear.bias))
+
+
+def _quantized_modules(model: Transformer) -> set[str]:
+    return {name for name, m in model.named_modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
+
+
+def _keeps_quantized(key: str, tensor: Any) -> bool:
+    return tensor.tensor_type.name in _BLOCK_BYTES and (
+        key == "tok_embeddings.weight" or (key.endswith(".weight") and "norm" not in key))
+
+
+def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+              quantized: bool | None = None) -> tuple[Transformer, dict[str, Any]]:
     """Build a `Transformer` from a GGUF file.
 
     Args:
         path: the ``.gguf`` file.
         dtype: parameter dtype (tensors are dequantised and cast one at a time).
         device: where the parameters are created.
+        quantized: keep Q4_0 / Q4_1 / Q8_0 projection weights in their blocks (`QuantizedLinear`),
+            computed by the compiled kernels: the same weights, several times less memory read per
+            token. None (default): when ``dtype`` is float32, ``device`` the CPU and
+            `kernels.available()`; False: dequantise everything to ``dtype``.
 
     Returns:
         ``(model, metadata)``: the model in eval mode, and the raw GGUF key/value metadata (tokenizer
@@ -169,20 +220,36 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32,
     md = _metadata(reader)
     config = _config_from_metadata(md, {t.name for t in reader.tensors}, path)
     expected = expected_shapes(config)
+    if quantized is None:
+        quantized = dtype == torch.float32 and torch.device(device).type == "cpu" and kernels.available()
     state: dict[str, torch.Tensor] = {}
+    packed: dict[str, QuantizedWeight] = {}
     for tensor in reader.tensors:  # one tensor at a time: checked, dequantised, cast, placed
         source = f"{path} (GGUF tensor {tensor.name!r})"
         key = map_key(tensor.name, _GGUF_TO_OURS)
         if key is None:
             raise CheckpointMismatchError(f"{source}: not a tensor of a {md.get('general.architecture')} decoder")
-        check_shape(key, tuple(reversed([int(d) for d in tensor.shape])), expected, source)
-        value = _to_torch(tensor, dtype, device)
+        shape = tuple(reversed([int(d) for d in tensor.shape]))
+        check_shape(key, shape, expected, source)
         heads = _rotary_heads(key, config) if md["general.architecture"] in _ROTATE_HALF_ARCHITECTURES else None
+        if quantized and _keeps_quantized(key, tensor):
+            weight = _quantized_weight(tensor, shape)
+            if heads:  # the rotary permutation moves whole rows: apply it to every per-row buffer
+                for name, buffer in weight.named_buffers():
+                    buffer.copy_(hf_to_meta_rotary(buffer, heads))
+            packed[key] = weight.to(device)
+            state[key] = torch.empty(0)  # placeholder for the completeness check
+            continue
+        value = _to_torch(tensor, dtype, device)
         state[key] = hf_to_meta_rotary(value, heads) if heads else value
     check_complete(state, expected, path)
     with torch.device("meta"):
         model = Transformer(config)
-    model.load_state_dict(state, assign=True)
+    _install_quantized(model, packed)
+    dense = {key: value for key, value in state.items() if key not in packed}
+    missing, unexpected = model.load_state_dict(dense, assign=True, strict=not packed)
+    quantized_names = _quantized_modules(model)
+    assert not unexpected and all(k.split(".quantized.")[0] in quantized_names for k in missing), (missing, unexpected)
     log.info("loaded %s: %d layers, dim %d, vocab %d, %s on %s", path.name, config.n_layers, config.dim,
              config.vocab_size, dtype, device)
     return model.eval(), md

@@ -1,0 +1,154 @@
+"""CPU kernels for block-quantised (GGUF Q4_0/Q4_1/Q8_0) weights, compiled on first use.
+
+`quant_matmul.c` (AVX2 + FMA, OpenMP) is built with the system C compiler (``$CC``, else ``cc``) into
+the cache folder (``$IMAGEBIND_LLM_CACHE/kernels``, else ``~/.cache/imagebind_llm/kernels``), once per
+source version, and loaded with `ctypes`. Its OpenMP runtime is the ``libgomp.so.1`` PyTorch has
+already loaded, so both share one thread pool and ``torch.set_num_threads`` governs both.
+
+`available()` is False (and callers fall back to float32 weights) when the CPU lacks AVX2, no
+compiler is found, the build fails, or ``IMAGEBIND_LLM_KERNELS=0``; `unavailable_reason()` says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("quant_matmul.c")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+DISABLE_ENV = "IMAGEBIND_LLM_KERNELS"
+CACHE_ENV = "IMAGEBIND_LLM_CACHE"
+BLOCK = 32
+
+_P, _N = ctypes.c_void_p, ctypes.c_int64
+_SIGNATURES = {
+    "ibl_q4_1_matmul": (_P, _P, _P, _P, _P, _N, _N, _N),
+    "ibl_q8_0_matmul": (_P, _P, _P, _P, _N, _N, _N),
+    "ibl_q4_1_dequantize": (_P, _P, _P, _P, _N, _N),
+    "ibl_q8_0_dequantize": (_P, _P, _P, _N, _N),
+}
+
+
+class KernelsUnavailable(RuntimeError):
+    """The compiled kernels cannot be used on this machine (see the message for why)."""
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "imagebind_llm"
+    return Path(root).expanduser() / "kernels"
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise KernelsUnavailable(f"compiling {SOURCE.name} with {compiler} failed: {result.stderr.strip()[-500:]}")
+        os.replace(out, target)  # atomic: concurrent builders each install a complete file
+
+
+@functools.cache
+def _library() -> ctypes.CDLL:
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        raise KernelsUnavailable(f"disabled by {DISABLE_ENV}=0")
+    if sys.platform != "linux" or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        raise KernelsUnavailable(f"needs an x86-64 Linux CPU with AVX2 (found {sys.platform}, "
+                                 f"{torch.backends.cpu.get_cpu_capability()})")
+    compiler = os.environ.get("CC") or "cc"
+    if shutil.which(compiler) is None:
+        raise KernelsUnavailable(f"no C compiler {compiler!r} on PATH (install gcc, or set CC)")
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"quant_matmul-{digest}.so"
+    if not target.exists():
+        log.info("compiling %s -> %s", SOURCE.name, target)
+        _build(compiler, target)
+    lib = ctypes.CDLL(str(target))
+    for name, argtypes in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, None
+    return lib
+
+
+def unavailable_reason() -> str | None:
+    """None when the kernels load; otherwise why they do not."""
+    try:
+        _library()
+    except (KernelsUnavailable, OSError) as e:
+        return str(e)
+    return None
+
+
+def available() -> bool:
+    return unavailable_reason() is None
+
+
+def matmul_function(fmt: str, blocks: Tensor, scales: Tensor, offsets: Tensor | None = None
+                    ) -> Callable[[Tensor], Tensor]:
+    """A function ``x [..., K] float32 -> x @ W^T [..., N]`` for the weight in these blocks.
+
+    ``fmt`` ``"q4_1"``: ``blocks`` uint8 ``[N, K/2]`` (byte ``j`` of a 32-block holds element ``j`` low
+    and ``j + 16`` high), ``scales``/``offsets`` float32 ``[N, K/32]``; ``"q8_0"``: ``blocks`` int8
+    ``[N, K]``, ``scales`` ``[N, K/32]``. The tensors must stay alive and in place while it is used.
+    """
+    N, nb = scales.shape
+    K = nb * BLOCK
+    for t in (blocks, scales, offsets):
+        if t is not None and not (t.is_cpu and t.is_contiguous()):
+            raise ValueError("quantised weights must be contiguous CPU tensors")
+    lib = _library()
+    if fmt == "q4_1":
+        fn, weights = lib.ibl_q4_1_matmul, (blocks.data_ptr(), scales.data_ptr(), offsets.data_ptr())
+    else:
+        fn, weights = lib.ibl_q8_0_matmul, (blocks.data_ptr(), scales.data_ptr())
+
+    def matmul(x: Tensor) -> Tensor:
+        if x.dtype != torch.float32 or not x.is_cpu or x.shape[-1] != K:
+            raise ValueError(f"expected float32 CPU input [..., {K}], got {x.dtype} {list(x.shape)} on {x.device}")
+        if not x.is_contiguous():
+            x = x.contiguous()
+        y = torch.empty(*x.shape[:-1], N)
+        fn(x.data_ptr(), *weights, y.data_ptr(), x.numel() // K, N, K)
+        return y
+
+    return matmul
+
+
+def q4_1_matmul(x: Tensor, blocks: Tensor, scales: Tensor, offsets: Tensor) -> Tensor:
+    """``x @ W^T`` for Q4_1 weights (see `matmul_function`): ``x`` ``[..., K]`` -> ``[..., N]``."""
+    return matmul_function("q4_1", blocks, scales, offsets)(x)
+
+
+def q8_0_matmul(x: Tensor, blocks: Tensor, scales: Tensor) -> Tensor:
+    """``x @ W^T`` for Q8_0 weights (see `matmul_function`): ``x`` ``[..., K]`` -> ``[..., N]``."""
+    return matmul_function("q8_0", blocks, scales)(x)
+
+
+def q4_1_dequantize(blocks: Tensor, scales: Tensor, offsets: Tensor) -> Tensor:
+    """The float32 weight ``[N, K]`` (``d * q + m``, rounded as the `gguf` package does)."""
+    N, nb = scales.shape
+    w = torch.empty(N, nb * BLOCK)
+    _library().ibl_q4_1_dequantize(blocks.data_ptr(), scales.data_ptr(), offsets.data_ptr(), w.data_ptr(), N, nb * BLOCK)
+    return w
+
+
+def q8_0_dequantize(blocks: Tensor, scales: Tensor) -> Tensor:
+    """The float32 weight ``[N, K]`` (``d * q``)."""
+    N, nb = scales.shape
+    w = torch.empty(N, nb * BLOCK)
+    _library().ibl_q8_0_dequantize(blocks.data_ptr(), scales.data_ptr(), w.data_ptr(), N, nb * BLOCK)
+    return w

@@ -1,0 +1,129 @@
+"""Quantised projections and the compiled Q4_1/Q8_0 kernels against float64 products of the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from imagebind_llm.llm import kernels
+from imagebind_llm.llm.quantized import (
+    KERNEL_MAX_ROWS,
+    QuantizedEmbedding,
+    QuantizedLinear,
+    QuantizedWeight,
+    dequantize_reference,
+)
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"kernels: {kernels.unavailable_reason()}")
+
+
+def random_weight(fmt: str, n: int = 80, k: int = 96, seed: int = 0) -> QuantizedWeight:
+    g = torch.Generator().manual_seed(seed)
+    scales = (torch.rand(n, k // 32, generator=g) * 0.02 + 1e-3).half().float()  # float16 values, as in GGUF
+    if fmt == "q4_1":
+        blocks = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
+        offsets = (-torch.rand(n, k // 32, generator=g) * 0.1).half().float()
+        return QuantizedWeight(fmt, blocks, scales, offsets)
+    return QuantizedWeight(fmt, torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g), scales)
+
+
+def test_reference_dequantisation_follows_ggml_nibble_order():
+    blocks = torch.zeros(1, 16, dtype=torch.uint8)
+    blocks[0, 0], blocks[0, 15] = 0x3A, 0xF1  # element 0 = 0xA, element 16 = 0x3; element 15 = 0x1, element 31 = 0xF
+    w = dequantize_reference("q4_1", blocks, torch.tensor([[0.5]]), torch.tensor([[-1.0]]))
+    expected = torch.full((1, 32), -1.0)
+    expected[0, 0], expected[0, 16], expected[0, 15], expected[0, 31] = 4.0, 0.5, -0.5, 6.5
+    assert torch.equal(w, expected)
+    q8 = torch.arange(-16, 16, dtype=torch.int8)[None]
+    assert torch.equal(dequantize_reference("q8_0", q8, torch.tensor([[0.25]]), None), q8.float() * 0.25)
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
+def test_kernel_dequantisation_is_bitwise_the_reference(fmt):
+    w = random_weight(fmt, n=64, k=128)
+    assert torch.equal(w.dequantize(), dequantize_reference(fmt, w.blocks, w.scales, w.offsets))
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 16])
+def test_kernel_matmul_matches_float64_product(fmt, rows):
+    w = random_weight(fmt, seed=rows)
+    x = torch.randn(rows, w.in_features, generator=torch.Generator().manual_seed(1))
+    expected = x.double() @ w.dequantize().double().T
+    got = w.matmul(x)
+    assert got.dtype == torch.float32 and got.shape == (rows, w.out_features)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_kernel_takes_batched_and_strided_inputs():
+    w = random_weight("q4_1")
+    x = torch.randn(5, 2, w.in_features).transpose(0, 1)  # [2, 5, K], not contiguous
+    torch.testing.assert_close(w.matmul(x), F.linear(x, w.dequantize()), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="expected float32 CPU input"):
+        kernels.q4_1_matmul(torch.randn(1, w.in_features + 32), w.blocks, w.scales, w.offsets)
+
+
+def test_large_inputs_gradients_and_other_dtypes_use_the_dequantised_weight():
+    w = random_weight("q4_1")
+    dense = w.dequantize()
+    x = torch.randn(KERNEL_MAX_ROWS + 1, w.in_features)
+    assert torch.equal(w.matmul(x), F.linear(x, dense))  # prefill-sized: one dequantisation + BLAS
+    xg = torch.randn(2, w.in_features, requires_grad=True)
+    w.matmul(xg).sum().backward()
+    torch.testing.assert_close(xg.grad, dense.sum(0).expand(2, -1))
+    xb = torch.randn(2, w.in_features, dtype=torch.bfloat16)
+    assert torch.equal(w.matmul(xb), F.linear(xb, dense.bfloat16()))
+
+
+def test_casting_the_module_keeps_scales_exact():
+    w = random_weight("q4_1")
+    layer = QuantizedLinear(w, bias=torch.randn(w.out_features)).to(torch.bfloat16)
+    assert layer.bias.dtype == torch.bfloat16
+    assert torch.equal(layer.quantized.scales, random_weight("q4_1").scales)
+    assert torch.equal(layer.quantized.offsets, random_weight("q4_1").offsets)
+
+
+def test_linear_bias_to_linear_and_embedding_lookup():
+    w = random_weight("q8_0")
+    bias = torch.randn(w.out_features)
+    layer = QuantizedLinear(w, bias=bias)
+    x = torch.randn(3, w.in_features)
+    torch.testing.assert_close(layer(x), F.linear(x, w.dequantize(), bias), rtol=1e-5, atol=1e-5)
+    dense = layer.to_linear()
+    assert isinstance(dense, torch.nn.Linear) and torch.equal(dense.weight, w.dequantize())
+    ids = torch.tensor([[3, 0], [79, 3]])
+    assert torch.equal(QuantizedEmbedding(w)(ids), F.embedding(ids, w.dequantize()))
+
+
+def test_without_kernels_everything_falls_back_to_the_reference(monkeypatch):
+    w = random_weight("q4_1")
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    x = torch.randn(2, w.in_features)
+    assert torch.equal(w.matmul(x), F.linear(x, dequantize_reference("q4_1", w.blocks, w.scales, w.offsets)))
+
+
+def test_kernels_build_into_the_cache_folder_and_can_be_disabled(tmp_path, monkeypatch):
+    monkeypatch.setenv("IMAGEBIND_LLM_CACHE", str(tmp_path))
+    kernels._library.cache_clear()
+    try:
+        monkeypatch.setenv("IMAGEBIND_LLM_KERNELS", "0")
+        assert not kernels.available() and "IMAGEBIND_LLM_KERNELS=0" in kernels.unavailable_reason()
+        kernels._library.cache_clear()
+        monkeypatch.delenv("IMAGEBIND_LLM_KERNELS")
+        if kernels.available():
+            assert len(list((tmp_path / "kernels").glob("quant_matmul-*.so"))) == 1
+    finally:
+        kernels._library.cache_clear()
+
+
+def test_bad_blocks_are_rejected():
+    with pytest.raises(ValueError, match="uint8"):
+        QuantizedWeight("q4_1", torch.zeros(4, 16, dtype=torch.uint8), torch.ones(4, 2), torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="need"):
+        QuantizedWeight("q4_1", torch.zeros(4, 16, dtype=torch.uint8), torch.ones(4, 1))
+    with pytest.raises(ValueError, match="unknown quantised format"):
+        QuantizedWeight("q5_k", torch.zeros(4, 16, dtype=torch.uint8), torch.ones(4, 1))
