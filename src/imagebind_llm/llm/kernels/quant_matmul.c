@@ -7,7 +7,8 @@
  *   Q8_0: W[n, 32b + i] = d[n, b] * q, q int8.
  * Scales d, m are float32 [N, K / 32] (llama.cpp stores float16; the caller widens them exactly).
  *
- * The products y[M, N] = x[M, K] @ W^T accumulate in float32 with AVX2/FMA, up to 8 input rows per
+ * The products y[M, N] = x[M, K] @ W^T accumulate in float32 with AVX2/FMA (the offsets as
+ * m * sum(x block)), up to 8 input rows per
  * pass over a weight row, and split the output columns across OpenMP threads.  The dequantise
  * functions compute d * q + m with two roundings, exactly like the reference `gguf` package.
  * Built with -ffp-contract=off so that only the explicit FMAs below are fused.
@@ -51,25 +52,34 @@ static inline __m256 dot_block(const float *x, const __m256 w[4]) {
 }
 
 /* y[r * N] for `rows` input rows and one weight row (q, d, m).  m == NULL: no offset term (Q8_0).
- * xsum [rows, K / 32] holds the block sums of x, which multiply the offsets m. */
+ * From 4 rows on, each block's values are scaled once and shared by all rows (d * q is exact in
+ * float32: at most 11 + 8 significant bits); fewer rows scale their block dot products instead.
+ * xpart [rows, K / 32, 8] holds each block of x summed down to 8 lanes, which the offsets m multiply. */
 static inline __attribute__((always_inline)) void weight_row(
-        int rows, int is_q8, const float *x, const float *xsum, const void *q, const float *d, const float *m,
+        int rows, int is_q8, const float *x, const float *xpart, const void *q, const float *d, const float *m,
         float *y, int64_t N, int64_t K) {
     const int64_t nb = K / BLOCK;
+    const int shared_scale = rows >= 4;
     __m256 acc[MAX_ROWS];
-    float offset[MAX_ROWS];
-    for (int r = 0; r < rows; r++) { acc[r] = _mm256_setzero_ps(); offset[r] = 0.f; }
+    for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         __m256 w[4];
         if (is_q8) unpack_q8((const int8_t *)q + BLOCK * b, w);
         else unpack_q4((const uint8_t *)q + BLOCK / 2 * b, w);
         const __m256 db = _mm256_set1_ps(d[b]);
+        if (shared_scale)
+            for (int i = 0; i < 4; i++) w[i] = _mm256_mul_ps(db, w[i]);
         for (int r = 0; r < rows; r++) {
-            acc[r] = _mm256_fmadd_ps(db, dot_block(x + r * K + BLOCK * b, w), acc[r]);
-            if (m) offset[r] += m[b] * xsum[r * nb + b];
+            const float *xb = x + r * K + BLOCK * b;
+            if (shared_scale)
+                for (int i = 0; i < 4; i++) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 8 * i), w[i], acc[r]);
+            else
+                acc[r] = _mm256_fmadd_ps(db, dot_block(xb, w), acc[r]);
+            if (m)
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(m[b]), _mm256_loadu_ps(xpart + (r * nb + b) * 8), acc[r]);
         }
     }
-    for (int r = 0; r < rows; r++) y[r * N] = hsum(acc[r]) + offset[r];
+    for (int r = 0; r < rows; r++) y[r * N] = hsum(acc[r]);
 }
 
 #define ROWS_CASE(R) case R: weight_row(R, is_q8, xr, sr, qn, dn, mn, yr, N, K); break;
@@ -78,13 +88,14 @@ static void matmul(int is_q8, const float *x, const void *qs, const float *d, co
                    int64_t M, int64_t N, int64_t K) {
     const int64_t nb = K / BLOCK;
     const int64_t row_bytes = is_q8 ? K : K / 2;
-    float *xsum = NULL;
+    float *xpart = NULL;
     if (m) {
-        xsum = malloc(sizeof(float) * (M * nb > 0 ? M * nb : 1));
+        xpart = malloc(sizeof(float) * 8 * (M * nb > 0 ? M * nb : 1));
         for (int64_t i = 0; i < M * nb; i++) {
-            float s = 0.f;
-            for (int j = 0; j < BLOCK; j++) s += x[i * BLOCK + j];
-            xsum[i] = s;
+            const float *xb = x + i * BLOCK;
+            __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(xb), _mm256_loadu_ps(xb + 8)),
+                                     _mm256_add_ps(_mm256_loadu_ps(xb + 16), _mm256_loadu_ps(xb + 24)));
+            _mm256_storeu_ps(xpart + 8 * i, s);
         }
     }
     #pragma omp parallel for schedule(static)
@@ -93,7 +104,7 @@ static void matmul(int is_q8, const float *x, const void *qs, const float *d, co
         const float *dn = d + n * nb, *mn = m ? m + n * nb : NULL;
         for (int64_t r0 = 0; r0 < M; r0 += MAX_ROWS) {
             const float *xr = x + r0 * K;
-            const float *sr = xsum ? xsum + r0 * nb : NULL;
+            const float *sr = xpart ? xpart + r0 * nb * 8 : NULL;
             float *yr = y + r0 * N + n;
             int64_t rows = M - r0 < MAX_ROWS ? M - r0 : MAX_ROWS;
             /* One constant row count per case, so that the accumulators stay in registers. */
@@ -101,7 +112,7 @@ static void matmul(int is_q8, const float *x, const void *qs, const float *d, co
                             ROWS_CASE(4) ROWS_CASE(3) ROWS_CASE(2) ROWS_CASE(1) }
         }
     }
-    free(xsum);
+    free(xpart);
 }
 
 void ibl_q4_1_matmul(const float *x, const uint8_t *qs, const float *d, const float *m, float *y,
