@@ -221,13 +221,7 @@ def _f32_file_from_model(path, model, arch: str, types: dict[str, Q] | None = No
     _write(path, config, tensors, arch=arch)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_tiny_gguf_logits_match_transformers_gguf_loader(tmp_path, arch):
-    """transformers reads the same file with its own GGUF converter: the rotary layouts must agree."""
-    import transformers
-
-    config = LLMConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, norm_eps=1e-6,
-                       rope_theta=10000.0, max_seq_len=128, attn_bias=arch == "qwen2")
+def _random_model(config: LLMConfig) -> Transformer:
     torch.manual_seed(0)
     model = Transformer(config).eval()
     with torch.no_grad():
@@ -236,6 +230,17 @@ def test_tiny_gguf_logits_match_transformers_gguf_loader(tmp_path, arch):
         for layer in model.layers:
             layer.attention_norm.weight.uniform_(0.5, 1.5)
             layer.ffn_norm.weight.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tiny_gguf_logits_match_transformers_gguf_loader(tmp_path, arch):
+    """transformers reads the same file with its own GGUF converter: the rotary layouts must agree."""
+    import transformers
+
+    config = LLMConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, norm_eps=1e-6,
+                       rope_theta=10000.0, max_seq_len=128, attn_bias=arch == "qwen2")
+    model = _random_model(config)
     path = tmp_path / f"tiny-{arch}.gguf"
     _f32_file_from_model(path, model, arch)
     ours, _ = load_gguf(path)
@@ -250,18 +255,6 @@ def test_tiny_gguf_logits_match_transformers_gguf_loader(tmp_path, arch):
 
 QUANTISED_ROLES = {"token_embd": Q.Q8_0, "attn_q": Q.Q4_1, "attn_k": Q.Q4_0, "attn_v": Q.Q8_0, "attn_output": Q.Q4_1,
                    "ffn_gate": Q.Q4_0, "ffn_up": Q.Q4_1, "ffn_down": Q.Q8_0}
-
-
-def _random_model(config: LLMConfig) -> Transformer:
-    torch.manual_seed(0)
-    model = Transformer(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.1) if p.dim() > 1 else p.uniform_(-0.2, 0.2)
-        for layer in model.layers:
-            layer.attention_norm.weight.uniform_(0.5, 1.5)
-            layer.ffn_norm.weight.uniform_(0.5, 1.5)
-    return model
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -305,3 +298,11 @@ def test_default_load_is_dense_without_kernels_or_off_cpu_float32(tmp_path, monk
     model = load_gguf(path)[0]
     assert isinstance(model.layers[0].attention.wq, torch.nn.Linear)
     assert model.output.weight is model.tok_embeddings.weight
+
+
+def test_load_llm_passes_quantized_through(smollm2_gguf):
+    from imagebind_llm.llm.weights import load_llm
+
+    loaded = load_llm(smollm2_gguf, quantized=True)
+    assert isinstance(loaded.model.layers[0].feed_forward.w2, QuantizedLinear)
+    assert loaded.model.layers[0].feed_forward.w2.quantized.fmt == "q4_1"  # the file's own Q4_1 blocks

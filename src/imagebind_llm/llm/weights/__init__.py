@@ -111,13 +111,15 @@ def _tokenizer_next_to(path: Path, kind: str | None) -> BaseTokenizer:
 
 
 def load_llm(path: str | Path | None = None, *, dtype: torch.dtype = torch.float32,
-             device: torch.device | str = "cpu") -> LoadedLLM:
+             device: torch.device | str = "cpu", quantized: bool | None = None) -> LoadedLLM:
     """Load an LLM from `path` (any supported format) or the embedded default.
 
     Args:
         path: a ``.gguf`` file, a Hugging Face or a Meta directory; None for the embedded SmolLM2.
-        dtype: parameter dtype (quantised GGUF tensors are dequantised to it).
+        dtype: parameter dtype (quantised GGUF tensors are dequantised to it unless kept quantised).
         device: where the parameters live.
+        quantized: GGUF only: keep Q4_0/Q4_1/Q8_0 projections in their blocks (see `load_gguf`;
+            None: when float32 on the CPU with the kernels available).
 
     Raises:
         FileNotFoundError: the path, a weight shard or the tokenizer is missing.
@@ -128,7 +130,7 @@ def load_llm(path: str | Path | None = None, *, dtype: torch.dtype = torch.float
     path = Path(path) if path is not None else find_default_gguf()
     fmt = detect_format(path)
     if fmt == "gguf":
-        model, metadata = load_gguf(path, dtype=dtype, device=device)
+        model, metadata = load_gguf(path, dtype=dtype, device=device, quantized=quantized)
         if metadata.get("tokenizer.ggml.model") in GGUF_TOKENIZER_TYPES:
             tokenizer: BaseTokenizer = HFTokenizer.from_gguf_metadata(metadata)
         else:  # a vocabulary type we do not rebuild: use the model's tokenizer file next to the GGUF
