@@ -5,7 +5,10 @@ to the frozen projection **without** the usual alpha/r scaling and without dropo
 wq, wo, w1, w2, w3; the RMSNorm weights become trainable.
 
 `LoRALinear` subclasses `nn.Linear` and keeps its `weight`/`bias` keys, so a plain decoder state dict
-loads into the adapted model unchanged (style anchors §5.1 item 7).
+loads into the adapted model unchanged (style anchors §5.1 item 7). Over a quantised GGUF projection
+(`QuantizedLinear`) the frozen base stays in its blocks (``weight`` is None, the blocks are the
+``quantized`` submodule): inference keeps the quantised kernels, and training works too (inputs that
+need gradients multiply by the dequantised weight).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from imagebind_llm.llm.model import Transformer
-from imagebind_llm.llm.quantized import QuantizedLinear
+from imagebind_llm.llm.quantized import QuantizedLinear, QuantizedWeight
 
 ATTENTION_PROJECTIONS = ("wq", "wk", "wv", "wo")
 FFN_PROJECTIONS = ("w1", "w2", "w3")
@@ -27,13 +30,16 @@ BIASED_PROJECTIONS = ("wq", "wo", "w1", "w2", "w3")
 class LoRALinear(nn.Linear):
     """``y = x W^T + b + B(A(x))`` with ``A: in -> rank`` (Kaiming init) and ``B: rank -> out`` (zeros).
 
-    The low-rank path is unscaled (scale 1.0), matching the official ImageBind-LLM code.
+    The low-rank path is unscaled (scale 1.0), matching the official ImageBind-LLM code. The frozen
+    ``W`` is the ``weight`` parameter, or, when built `from_linear` over a `QuantizedLinear`, the
+    ``quantized`` blocks (and ``weight`` is None).
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, *, bias: bool = False,
                  device=None, dtype=None) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.rank = rank
+        self.quantized: QuantizedWeight | None = None
         self.lora_a = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
         self.lora_b = nn.Linear(rank, out_features, bias=False, device=device, dtype=dtype)
         self.reset_lora_parameters()
@@ -43,52 +49,65 @@ class LoRALinear(nn.Linear):
         nn.init.zeros_(self.lora_b.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias) + self.lora_b(self.lora_a(x))
+        return self.base_forward(x) + self.lora_b(self.lora_a(x))
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen projection alone (the path ImageBind-LLM's injection uses for W_v)."""
-        return F.linear(x, self.weight, self.bias)
+        if self.quantized is None:
+            return F.linear(x, self.weight, self.bias)
+        y = self.quantized.matmul(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """``W + B A``: the weight of a plain linear computing the same function."""
-        return self.weight + self.lora_b.weight @ self.lora_a.weight
+        base = self.weight if self.quantized is None else self.quantized.dequantize()
+        return base + (self.lora_b.weight @ self.lora_a.weight).to(base.dtype)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int) -> "LoRALinear":
-        """Wrap an existing linear, sharing (not copying) its weight and bias tensors."""
-        lora = cls(linear.in_features, linear.out_features, rank, bias=False,
-                   device=linear.weight.device, dtype=linear.weight.dtype)
-        lora.weight = linear.weight
+    def from_linear(cls, linear: nn.Linear | QuantizedLinear, rank: int) -> "LoRALinear":
+        """Wrap an existing projection, sharing (not copying) its weight (or blocks) and bias."""
+        if isinstance(linear, QuantizedLinear):
+            device = linear.quantized.blocks.device
+            dtype = linear.bias.dtype if linear.bias is not None else torch.float32
+            with torch.device("meta"):  # no dense weight is ever allocated
+                lora = cls(linear.in_features, linear.out_features, rank)
+            lora.weight = None
+            lora.quantized = linear.quantized
+            lora.lora_a = nn.Linear(linear.in_features, rank, bias=False, device=device, dtype=dtype)
+            lora.lora_b = nn.Linear(rank, linear.out_features, bias=False, device=device, dtype=dtype)
+            lora.reset_lora_parameters()
+        else:
+            lora = cls(linear.in_features, linear.out_features, rank, bias=False,
+                       device=linear.weight.device, dtype=linear.weight.dtype)
+            lora.weight = linear.weight
         lora.bias = linear.bias
         return lora
 
 
-def base_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def base_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Apply a projection without any LoRA path it may carry."""
     if isinstance(linear, LoRALinear):
         return linear.base_forward(x)
     return linear(x)
 
 
-def _add_zero_bias(linear: nn.Linear) -> None:
+def _add_zero_bias(linear: nn.Linear | QuantizedLinear) -> None:
     if linear.bias is None:
-        linear.bias = nn.Parameter(torch.zeros(linear.out_features, device=linear.weight.device,
-                                               dtype=linear.weight.dtype))
+        like = linear.weight if isinstance(linear, nn.Linear) else torch.empty(0, device=linear.quantized.blocks.device)
+        linear.bias = nn.Parameter(torch.zeros(linear.out_features, device=like.device, dtype=like.dtype))
 
 
 def add_finetune_modules(llm: Transformer, rank: int = 16) -> None:
     """Turn a plain decoder into the stage-2 structure in place: LoRA everywhere, biases on q/o/w1/w2/w3.
 
     Idempotent: projections that already carry LoRA or a bias are left as they are. Quantised GGUF
-    projections (`QuantizedLinear`) are dequantised to float32 first: LoRA trains on dense weights.
+    projections (`QuantizedLinear`) keep their blocks as the frozen base.
     """
     for layer in llm.layers:
         for parent, names in ((layer.attention, ATTENTION_PROJECTIONS), (layer.feed_forward, FFN_PROJECTIONS)):
             for name in names:
                 linear = getattr(parent, name)
-                if isinstance(linear, QuantizedLinear):
-                    linear = linear.to_linear()
                 if name in BIASED_PROJECTIONS:
                     _add_zero_bias(linear)
                 if not isinstance(linear, LoRALinear):
@@ -97,7 +116,11 @@ def add_finetune_modules(llm: Transformer, rank: int = 16) -> None:
 
 @torch.no_grad()
 def merge_lora(llm: Transformer) -> None:
-    """Fold every LoRA path into its base weight and put plain `nn.Linear`s back (for fast inference)."""
+    """Fold every LoRA path into its base weight and put plain `nn.Linear`s back.
+
+    Faster inference over a dense base; over a quantised base the merged weights are dense float32
+    (several times more memory traffic per token than the blocks plus the small LoRA path).
+    """
     for layer in llm.layers:
         for parent in (layer.attention, layer.feed_forward):
             for name, module in list(parent.named_children()):
