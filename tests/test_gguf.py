@@ -126,6 +126,13 @@ def test_quantised_tensors_round_trip(tmp_path):
         if array.dtype == np.float32 and qtype != Q.F32:  # a real (lossy) round trip, close to the input
             assert not torch.equal(got, torch.from_numpy(array))
             torch.testing.assert_close(got, torch.from_numpy(array), atol=0.05, rtol=0)
+    # Kept in blocks (the default on CPU), the block-quantised types decode to exactly the same weights.
+    kept, _ = load_gguf(path, quantized=True)
+    blocks = {f"{name}.weight": m.quantized for name, m in kept.named_modules()
+              if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
+    assert set(blocks) == {_our_key(name) for name, (_, q) in tensors.items() if q in (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K)}
+    for key, weight in blocks.items():
+        assert torch.equal(weight.dequantize(), state[key]), key
     cfg = gguf_config(path)
     assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.hidden_dim, cfg.vocab_size, cfg.head_dim) == (
         256, 2, 4, 2, 256, 64, 64)

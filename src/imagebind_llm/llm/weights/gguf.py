@@ -5,10 +5,10 @@ Q4_1, Q4_K, Q6_K, ...) to float32 numpy arrays; we convert one tensor at a time 
 dtype and device and assign it into a model built on the ``meta`` device, so the file is never held
 twice in memory.
 
-Quantised projections: Q4_0, Q4_1 and Q8_0 weights of the linear layers (and the token embedding) can
-stay in their blocks as `QuantizedLinear` / `QuantizedEmbedding` modules, computed with the compiled
+Quantised projections: Q4_0, Q4_1, Q4_K and Q8_0 weights of the linear layers (and the token embedding)
+can stay in their blocks as `QuantizedLinear` / `QuantizedEmbedding` modules, computed with the compiled
 CPU kernels; by default this happens for float32 models on the CPU when the kernels are available.
-Other types (Q4_K, Q6_K, ...) are always dequantised.
+Other types (Q5_*, Q6_K, ...) are always dequantised.
 
 Rotary layout: llama.cpp's converter stores Q/K of ``llama`` models in Meta's interleaved-pair layout,
 which is ours, but leaves ``qwen2`` models (run with NEOX-style RoPE) in Hugging Face's rotate-half
@@ -152,22 +152,47 @@ def _to_torch(tensor: Any, dtype: torch.dtype, device: torch.device | str) -> to
     return torch.from_numpy(array).to(device=device, dtype=dtype)
 
 
-# GGUF block layouts: (bytes per block, byte offset of the values); scales (and Q4_1 offsets) are float16.
-_BLOCK_BYTES = {"Q4_0": (18, 2), "Q4_1": (20, 4), "Q8_0": (34, 2)}
+# GGUF block layouts kept quantised: (values per block, bytes per block).
+_BLOCK_BYTES = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34), "Q4_K": (256, 144)}
+
+
+def _f16(raw: np.ndarray) -> torch.Tensor:
+    """float32 from two little-endian float16 bytes in the last axis."""
+    return torch.from_numpy(np.ascontiguousarray(raw).view(np.float16)[..., 0].astype(np.float32))
+
+
+def _pack_nibbles(values: np.ndarray) -> torch.Tensor:
+    """``[N, K]`` 4-bit values to our ``[N, K/2]`` bytes: byte j of a 32-block holds elements j and j + 16."""
+    v = values.reshape(values.shape[0], -1, 2, 16)
+    return torch.from_numpy(np.ascontiguousarray(v[:, :, 0] | (v[:, :, 1] << 4)).reshape(values.shape[0], -1))
 
 
 def _quantized_weight(tensor: Any, shape: tuple[int, int]) -> QuantizedWeight:
-    """The blocks of a Q4_0 / Q4_1 / Q8_0 GGUF tensor ``[N, K]`` as a `QuantizedWeight` (no dequantisation)."""
+    """The blocks of a Q4_0 / Q4_1 / Q8_0 / Q4_K GGUF tensor ``[N, K]`` as a `QuantizedWeight`.
+
+    Every format becomes 32-value blocks with float32 scales (and offsets) holding exactly the values
+    the `gguf` package decodes: Q4_0 stores ``q - 8`` (offset ``-8 d``); Q4_K's 6-bit sub-block scales
+    and minimums multiply into float32 exactly.
+    """
     kind = tensor.tensor_type.name
-    size, start = _BLOCK_BYTES[kind]
-    raw = np.asarray(tensor.data).view(np.uint8).reshape(shape[0], shape[1] // 32, size)
-    scales = torch.from_numpy(raw[..., 0:2].copy().view(np.float16)[..., 0]).float()
-    values = torch.from_numpy(np.ascontiguousarray(raw[..., start:]).reshape(shape[0], -1))
+    per_block, size = _BLOCK_BYTES[kind]
+    raw = np.asarray(tensor.data).view(np.uint8).reshape(shape[0], shape[1] // per_block, size)
+    n = shape[0]
     if kind == "Q8_0":
-        return QuantizedWeight("q8_0", values.view(torch.int8), scales)
-    # Q4_0 stores q - 8: it is Q4_1 with offset -8 d (exact in float32).
-    offsets = torch.from_numpy(raw[..., 2:4].copy().view(np.float16)[..., 0]).float() if kind == "Q4_1" else -8 * scales
-    return QuantizedWeight("q4_1", values, scales, offsets)
+        values = torch.from_numpy(np.ascontiguousarray(raw[..., 2:]).reshape(n, -1))
+        return QuantizedWeight("q8_0", values.view(torch.int8), _f16(raw[..., 0:2]))
+    if kind in ("Q4_0", "Q4_1"):
+        scales = _f16(raw[..., 0:2])
+        offsets = _f16(raw[..., 2:4]) if kind == "Q4_1" else -8 * scales
+        return QuantizedWeight("q4_1", torch.from_numpy(np.ascontiguousarray(raw[..., size - 16:]).reshape(n, -1)),
+                               scales, offsets)
+    # Q4_K: 256-value super-blocks of d, dmin (float16), 12 bytes of 6-bit scales/minimums for 8 sub-blocks
+    # of 32, then 128 bytes in which each 32-byte run holds sub-block 2c (low nibbles) and 2c + 1 (high).
+    sub_scales, sub_mins = gguf.quants.Q4_K.get_scale_min(raw[..., 4:16].reshape(-1, 12))
+    scales = _f16(raw[..., 0:2])[..., None] * torch.from_numpy(sub_scales.astype(np.float32)).view(n, -1, 8)
+    offsets = -(_f16(raw[..., 2:4])[..., None] * torch.from_numpy(sub_mins.astype(np.float32)).view(n, -1, 8))
+    runs = raw[..., 16:].reshape(n, -1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 1, 2, 1)
+    return QuantizedWeight("q4_1", _pack_nibbles((runs & 0x0F).reshape(n, -1)), scales.view(n, -1), offsets.view(n, -1))
 
 
 def _install_quantized(model: Transformer, packed: dict[str, QuantizedWeight]) -> None:
@@ -200,7 +225,7 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, device: t
         path: the ``.gguf`` file.
         dtype: parameter dtype (tensors are dequantised and cast one at a time).
         device: where the parameters are created.
-        quantized: keep Q4_0 / Q4_1 / Q8_0 projection weights in their blocks (`QuantizedLinear`),
+        quantized: keep Q4_0 / Q4_1 / Q4_K / Q8_0 projection weights in their blocks (`QuantizedLinear`),
             computed by the compiled kernels: the same weights, several times less memory read per
             token. None (default): when ``dtype`` is float32, ``device`` the CPU and
             `kernels.available()`; False: dequantise everything to ``dtype``.
