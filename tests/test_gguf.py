@@ -130,7 +130,8 @@ def test_quantised_tensors_round_trip(tmp_path):
     kept, _ = load_gguf(path, quantized=True)
     blocks = {f"{name}.weight": m.quantized for name, m in kept.named_modules()
               if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
-    assert set(blocks) == {_our_key(name) for name, (_, q) in tensors.items() if q in (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K)}
+    kept_types = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q6_K)
+    assert set(blocks) == {_our_key(name) for name, (_, q) in tensors.items() if q in kept_types}
     for key, weight in blocks.items():
         assert torch.equal(weight.dequantize(), state[key]), key
     cfg = gguf_config(path)

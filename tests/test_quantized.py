@@ -18,14 +18,17 @@ from imagebind_llm.llm.quantized import (
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"kernels: {kernels.unavailable_reason()}")
 
 
-def random_weight(fmt: str, n: int = 80, k: int = 96, seed: int = 0) -> QuantizedWeight:
+def random_weight(fmt: str, n: int = 80, k: int = 96, seed: int = 0, group: int = 32) -> QuantizedWeight:
     g = torch.Generator().manual_seed(seed)
-    scales = (torch.rand(n, k // 32, generator=g) * 0.02 + 1e-3).half().float()  # float16 values, as in GGUF
+    scales = (torch.rand(n, k // group, generator=g) * 0.02 + 1e-3).half().float()  # float16 values, as in GGUF
     if fmt == "q4_1":
         blocks = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
         offsets = (-torch.rand(n, k // 32, generator=g) * 0.1).half().float()
         return QuantizedWeight(fmt, blocks, scales, offsets)
     return QuantizedWeight(fmt, torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g), scales)
+
+
+FORMATS = [("q4_1", 32), ("q8", 32), ("q8", 16)]  # (format, values per scale)
 
 
 def test_reference_dequantisation_follows_ggml_nibble_order():
@@ -36,21 +39,23 @@ def test_reference_dequantisation_follows_ggml_nibble_order():
     expected[0, 0], expected[0, 16], expected[0, 15], expected[0, 31] = 4.0, 0.5, -0.5, 6.5
     assert torch.equal(w, expected)
     q8 = torch.arange(-16, 16, dtype=torch.int8)[None]
-    assert torch.equal(dequantize_reference("q8_0", q8, torch.tensor([[0.25]]), None), q8.float() * 0.25)
+    assert torch.equal(dequantize_reference("q8", q8, torch.tensor([[0.25]]), None), q8.float() * 0.25)
+    halves = dequantize_reference("q8", q8, torch.tensor([[0.25, 2.0]]), None)  # one scale per 16 values
+    assert torch.equal(halves, torch.cat([q8[:, :16].float() * 0.25, q8[:, 16:].float() * 2.0], 1))
 
 
 @needs_kernels
-@pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
-def test_kernel_dequantisation_is_bitwise_the_reference(fmt):
-    w = random_weight(fmt, n=64, k=128)
+@pytest.mark.parametrize("fmt,group", FORMATS)
+def test_kernel_dequantisation_is_bitwise_the_reference(fmt, group):
+    w = random_weight(fmt, n=64, k=128, group=group)
     assert torch.equal(w.dequantize(), dequantize_reference(fmt, w.blocks, w.scales, w.offsets))
 
 
 @needs_kernels
-@pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
-@pytest.mark.parametrize("rows", [1, 3, 8, 9, 16])
-def test_kernel_matmul_matches_float64_product(fmt, rows):
-    w = random_weight(fmt, seed=rows)
+@pytest.mark.parametrize("fmt,group", FORMATS)
+@pytest.mark.parametrize("rows", [1, 3, 4, 8, 9, 16])  # 4+ rows share pre-scaled blocks, fewer scale dot products
+def test_kernel_matmul_matches_float64_product(fmt, group, rows):
+    w = random_weight(fmt, seed=rows, group=group)
     x = torch.randn(rows, w.in_features, generator=torch.Generator().manual_seed(1))
     expected = x.double() @ w.dequantize().double().T
     got = w.matmul(x)
@@ -64,7 +69,7 @@ def test_kernel_takes_batched_and_strided_inputs():
     x = torch.randn(5, 2, w.in_features).transpose(0, 1)  # [2, 5, K], not contiguous
     torch.testing.assert_close(w.matmul(x), F.linear(x, w.dequantize()), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="expected float32 CPU input"):
-        kernels.q4_1_matmul(torch.randn(1, w.in_features + 32), w.blocks, w.scales, w.offsets)
+        kernels.matmul_function("q4_1", w.blocks, w.scales, w.offsets)(torch.randn(1, w.in_features + 32))
 
 
 def test_large_inputs_gradients_and_other_dtypes_use_the_dequantised_weight():
@@ -88,7 +93,7 @@ def test_casting_the_module_keeps_scales_exact():
 
 
 def test_linear_bias_to_linear_and_embedding_lookup():
-    w = random_weight("q8_0")
+    w = random_weight("q8")
     bias = torch.randn(w.out_features)
     layer = QuantizedLinear(w, bias=bias)
     x = torch.randn(3, w.in_features)
@@ -123,6 +128,8 @@ def test_kernels_build_into_the_cache_folder_and_can_be_disabled(tmp_path, monke
 def test_bad_blocks_are_rejected():
     with pytest.raises(ValueError, match="uint8"):
         QuantizedWeight("q4_1", torch.zeros(4, 16, dtype=torch.uint8), torch.ones(4, 2), torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="16"):  # 48 values: not whole 32-blocks
+        QuantizedWeight("q8", torch.zeros(4, 48, dtype=torch.int8), torch.ones(4, 3))
     with pytest.raises(ValueError, match="need"):
         QuantizedWeight("q4_1", torch.zeros(4, 16, dtype=torch.uint8), torch.ones(4, 1))
     with pytest.raises(ValueError, match="unknown quantised format"):

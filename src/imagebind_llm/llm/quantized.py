@@ -1,14 +1,15 @@
-"""Frozen projections whose weights stay in GGUF's quantised blocks (Q4_0, Q4_1, Q8_0).
+"""Frozen projections whose weights stay in GGUF's quantised blocks (Q4_0, Q4_1, Q4_K, Q8_0, Q6_K).
 
 A GGUF file's quantised tensors *are* the model's weights; expanding them to float32 only makes every
 decode step read 7x (Q4) or 4x (Q8) more memory. `QuantizedLinear` keeps the blocks and computes
 ``x @ W^T`` with the compiled kernels of `imagebind_llm.llm.kernels` when the input is a small batch of
 float32 rows on the CPU (decoding); larger inputs (prompt prefill), other dtypes/devices and inputs
 that need gradients multiply by the dequantised weight instead. Either way the weight is exactly
-``d * q + m`` of each 32-element block, the values llama.cpp and the `gguf` package define.
+``d * q + m`` of each group of values, the values llama.cpp and the `gguf` package define.
 
-Two formats cover the three GGUF types: ``"q4_1"`` (Q4_0 is Q4_1 with ``m = -8 d``) and ``"q8_0"``.
-Scales are stored as the raw bits of float32 (an int32 buffer), so casting the model to another dtype
+Two formats cover the five GGUF types (the loader converts them exactly): ``"q4_1"``, 4-bit values
+with a scale and an offset per 32 (Q4_1; Q4_0 and Q4_K too), and ``"q8"``, int8 values with a scale
+per 32 (Q8_0) or per 16 (Q6_K, whose 6-bit values minus 32 fit int8). Scales are stored as the raw bits of float32 (an int32 buffer), so casting the model to another dtype
 never rounds them.
 """
 
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 from . import kernels
 
 BLOCK = kernels.BLOCK
-FORMATS = ("q4_1", "q8_0")
+FORMATS = ("q4_1", "q8")
 # Above this many input rows, one dequantisation plus a BLAS matmul beats the blockwise kernel
 # (on a 2-core AVX2 machine the kernel wins up to ~50 rows and loses 1.7x at 400).
 KERNEL_MAX_ROWS = 64
@@ -33,21 +34,21 @@ def _bits(x: Tensor) -> Tensor:
 
 def dequantize_reference(fmt: str, blocks: Tensor, scales: Tensor, offsets: Tensor | None) -> Tensor:
     """Portable (any device) float32 weight ``[N, K]``, rounding as the `gguf` package does."""
-    n, nb = scales.shape
+    n, groups = scales.shape
     if fmt == "q4_1":
-        packed = blocks.view(n, nb, BLOCK // 2)
+        packed = blocks.view(n, groups, BLOCK // 2)
         q = torch.cat([packed & 0x0F, packed >> 4], dim=-1).float()  # elements 0-15 low, 16-31 high nibbles
-        return (q * scales[..., None] + offsets[..., None]).view(n, nb * BLOCK)
-    return (blocks.view(n, nb, BLOCK).float() * scales[..., None]).view(n, nb * BLOCK)
+        return (q * scales[..., None] + offsets[..., None]).view(n, -1)
+    return (blocks.view(n, groups, -1).float() * scales[..., None]).view(n, -1)
 
 
 class QuantizedWeight(nn.Module):
-    """A ``[out_features, in_features]`` weight held as 32-element blocks, shared by the modules below.
+    """A ``[out_features, in_features]`` weight held as quantised groups, shared by the modules below.
 
     Args:
         fmt: ``"q4_1"`` (``blocks`` uint8 ``[N, K/2]``, two 4-bit values per byte: byte ``j`` of a
-            block holds element ``j`` low and ``j + 16`` high) or ``"q8_0"`` (``blocks`` int8 ``[N, K]``).
-        scales: ``[N, K/32]`` block scales ``d``.
+            32-block holds element ``j`` low and ``j + 16`` high) or ``"q8"`` (``blocks`` int8 ``[N, K]``).
+        scales: group scales ``d``, ``[N, K/32]`` (``"q8"`` also ``[N, K/16]``).
         offsets: ``[N, K/32]`` block offsets ``m`` (``"q4_1"`` only).
     """
 
@@ -57,14 +58,18 @@ class QuantizedWeight(nn.Module):
             raise ValueError(f"unknown quantised format {fmt!r}; expected one of {FORMATS}")
         if (fmt == "q4_1") != (offsets is not None):
             raise ValueError(f"{fmt} weights {'need' if fmt == 'q4_1' else 'take no'} offsets")
-        n, nb = scales.shape
-        per_row = nb * BLOCK // 2 if fmt == "q4_1" else nb * BLOCK
+        n, groups = scales.shape
+        k = blocks.shape[-1] * (2 if fmt == "q4_1" else 1)
         dtype = torch.uint8 if fmt == "q4_1" else torch.int8
-        if blocks.shape != (n, per_row) or blocks.dtype != dtype:
-            raise ValueError(f"{fmt} blocks must be {dtype} [{n}, {per_row}] for scales [{n}, {nb}]; "
-                             f"got {blocks.dtype} {list(blocks.shape)}")
+        group_sizes = (32,) if fmt == "q4_1" else (32, 16)
+        if (blocks.dim() != 2 or blocks.shape[0] != n or blocks.dtype != dtype or k % BLOCK
+                or k not in [groups * g for g in group_sizes]):
+            raise ValueError(f"{fmt} blocks must be {dtype} [{n}, K] with K / {' or '.join(map(str, group_sizes))} "
+                             f"= {groups} scales per row; got {blocks.dtype} {list(blocks.shape)}")
+        if offsets is not None and offsets.shape != scales.shape:
+            raise ValueError(f"offsets {list(offsets.shape)} must match scales {list(scales.shape)}")
         self.fmt = fmt
-        self.out_features, self.in_features = n, nb * BLOCK
+        self.out_features, self.in_features = n, k
         self.register_buffer("blocks", blocks.contiguous())
         self.register_buffer("scale_bits", _bits(scales))
         self.register_buffer("offset_bits", None if offsets is None else _bits(offsets))
@@ -81,9 +86,7 @@ class QuantizedWeight(nn.Module):
     def dequantize(self) -> Tensor:
         """The float32 weight ``[out_features, in_features]``."""
         if self.blocks.device.type == "cpu" and kernels.available():
-            if self.fmt == "q4_1":
-                return kernels.q4_1_dequantize(self.blocks, self.scales, self.offsets)
-            return kernels.q8_0_dequantize(self.blocks, self.scales)
+            return kernels.dequantize(self.fmt, self.blocks, self.scales, self.offsets)
         return dequantize_reference(self.fmt, self.blocks, self.scales, self.offsets)
 
     def matmul(self, x: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""CPU kernels for block-quantised (GGUF Q4_0/Q4_1/Q8_0) weights, compiled on first use.
+"""CPU kernels for block-quantised (GGUF Q4_0/Q4_1/Q4_K/Q8_0/Q6_K) weights, compiled on first use.
 
 `quant_matmul.c` (AVX2 + FMA, OpenMP) is built with the system C compiler (``$CC``, else ``cc``) into
 the cache folder (``$IMAGEBIND_LLM_CACHE/kernels``, else ``~/.cache/imagebind_llm/kernels``), once per
@@ -37,9 +37,9 @@ BLOCK = 32
 _P, _N = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "ibl_q4_1_matmul": (_P, _P, _P, _P, _P, _N, _N, _N),
-    "ibl_q8_0_matmul": (_P, _P, _P, _P, _N, _N, _N),
+    "ibl_q8_matmul": (_P, _P, _P, _P, _N, _N, _N, _N),
     "ibl_q4_1_dequantize": (_P, _P, _P, _P, _N, _N),
-    "ibl_q8_0_dequantize": (_P, _P, _P, _N, _N),
+    "ibl_q8_dequantize": (_P, _P, _P, _N, _N, _N),
 }
 
 
@@ -102,19 +102,20 @@ def matmul_function(fmt: str, blocks: Tensor, scales: Tensor, offsets: Tensor | 
     """A function ``x [..., K] float32 -> x @ W^T [..., N]`` for the weight in these blocks.
 
     ``fmt`` ``"q4_1"``: ``blocks`` uint8 ``[N, K/2]`` (byte ``j`` of a 32-block holds element ``j`` low
-    and ``j + 16`` high), ``scales``/``offsets`` float32 ``[N, K/32]``; ``"q8_0"``: ``blocks`` int8
-    ``[N, K]``, ``scales`` ``[N, K/32]``. The tensors must stay alive and in place while it is used.
+    and ``j + 16`` high), ``scales``/``offsets`` float32 ``[N, K/32]``; ``"q8"``: ``blocks`` int8
+    ``[N, K]``, ``scales`` ``[N, K/32]`` or ``[N, K/16]``. The tensors must stay alive and in place
+    while the function is used.
     """
-    N, nb = scales.shape
-    K = nb * BLOCK
+    N, groups = scales.shape
+    K = blocks.shape[1] * (2 if fmt == "q4_1" else 1)
     for t in (blocks, scales, offsets):
         if t is not None and not (t.is_cpu and t.is_contiguous()):
             raise ValueError("quantised weights must be contiguous CPU tensors")
     lib = _library()
     if fmt == "q4_1":
-        fn, weights = lib.ibl_q4_1_matmul, (blocks.data_ptr(), scales.data_ptr(), offsets.data_ptr())
+        fn, weights, extra = lib.ibl_q4_1_matmul, (blocks.data_ptr(), scales.data_ptr(), offsets.data_ptr()), ()
     else:
-        fn, weights = lib.ibl_q8_0_matmul, (blocks.data_ptr(), scales.data_ptr())
+        fn, weights, extra = lib.ibl_q8_matmul, (blocks.data_ptr(), scales.data_ptr()), (K // groups,)
 
     def matmul(x: Tensor) -> Tensor:
         if x.dtype != torch.float32 or not x.is_cpu or x.shape[-1] != K:
@@ -122,33 +123,20 @@ def matmul_function(fmt: str, blocks: Tensor, scales: Tensor, offsets: Tensor | 
         if not x.is_contiguous():
             x = x.contiguous()
         y = torch.empty(*x.shape[:-1], N)
-        fn(x.data_ptr(), *weights, y.data_ptr(), x.numel() // K, N, K)
+        fn(x.data_ptr(), *weights, y.data_ptr(), x.numel() // K, N, K, *extra)
         return y
 
     return matmul
 
 
-def q4_1_matmul(x: Tensor, blocks: Tensor, scales: Tensor, offsets: Tensor) -> Tensor:
-    """``x @ W^T`` for Q4_1 weights (see `matmul_function`): ``x`` ``[..., K]`` -> ``[..., N]``."""
-    return matmul_function("q4_1", blocks, scales, offsets)(x)
-
-
-def q8_0_matmul(x: Tensor, blocks: Tensor, scales: Tensor) -> Tensor:
-    """``x @ W^T`` for Q8_0 weights (see `matmul_function`): ``x`` ``[..., K]`` -> ``[..., N]``."""
-    return matmul_function("q8_0", blocks, scales)(x)
-
-
-def q4_1_dequantize(blocks: Tensor, scales: Tensor, offsets: Tensor) -> Tensor:
-    """The float32 weight ``[N, K]`` (``d * q + m``, rounded as the `gguf` package does)."""
-    N, nb = scales.shape
-    w = torch.empty(N, nb * BLOCK)
-    _library().ibl_q4_1_dequantize(blocks.data_ptr(), scales.data_ptr(), offsets.data_ptr(), w.data_ptr(), N, nb * BLOCK)
-    return w
-
-
-def q8_0_dequantize(blocks: Tensor, scales: Tensor) -> Tensor:
-    """The float32 weight ``[N, K]`` (``d * q``)."""
-    N, nb = scales.shape
-    w = torch.empty(N, nb * BLOCK)
-    _library().ibl_q8_0_dequantize(blocks.data_ptr(), scales.data_ptr(), w.data_ptr(), N, nb * BLOCK)
+def dequantize(fmt: str, blocks: Tensor, scales: Tensor, offsets: Tensor | None = None) -> Tensor:
+    """The float32 weight ``[N, K]`` (``d * q + m``, rounded as the `gguf` package does); formats as in
+    `matmul_function`."""
+    N, groups = scales.shape
+    K = blocks.shape[1] * (2 if fmt == "q4_1" else 1)
+    w = torch.empty(N, K)
+    if fmt == "q4_1":
+        _library().ibl_q4_1_dequantize(blocks.data_ptr(), scales.data_ptr(), offsets.data_ptr(), w.data_ptr(), N, K)
+    else:
+        _library().ibl_q8_dequantize(blocks.data_ptr(), scales.data_ptr(), w.data_ptr(), N, K, K // groups)
     return w

@@ -4,8 +4,10 @@
  *   Q4_1: W[n, 32b + i] = d[n, b] * q + m[n, b], q in 0..15, packed two per byte: byte j of a block
  *         holds element j in its low nibble and element j + 16 in its high nibble.  (Q4_0 is Q4_1 with
  *         m = -8 d.)
- *   Q8_0: W[n, 32b + i] = d[n, b] * q, q int8.
- * Scales d, m are float32 [N, K / 32] (llama.cpp stores float16; the caller widens them exactly).
+ *   Q8:   W[n, 32b + i] = d[n, b] * q, q int8 (llama.cpp's Q8_0), or with one scale per 16 values,
+ *         d[n, 2b + i / 16] (Q6_K, whose values q - 32 fit int8).
+ * Scales d, m are float32 [N, K / 32] ([N, K / 16] for 16-value groups); the caller widens llama.cpp's
+ * float16 (and Q4_K's / Q6_K's products of two scales) to them exactly.
  *
  * The products y[M, N] = x[M, K] @ W^T accumulate in float32 with AVX2/FMA (the offsets as
  * m * sum(x block)), up to 8 input rows per
@@ -51,13 +53,19 @@ static inline __m256 dot_block(const float *x, const __m256 w[4]) {
     return _mm256_fmadd_ps(_mm256_loadu_ps(x + 24), w[3], t);
 }
 
-/* y[r * N] for `rows` input rows and one weight row (q, d, m).  m == NULL: no offset term (Q8_0).
- * From 4 rows on, each block's values are scaled once and shared by all rows (d * q is exact in
- * float32: at most 11 + 8 significant bits); fewer rows scale their block dot products instead.
- * xpart [rows, K / 32, 8] holds each block of x summed down to 8 lanes, which the offsets m multiply. */
+static inline __m256 dot_half(const float *x, __m256 w0, __m256 w1) {
+    return _mm256_fmadd_ps(_mm256_loadu_ps(x + 8), w1, _mm256_mul_ps(_mm256_loadu_ps(x), w0));
+}
+
+/* y[r * N] for `rows` input rows and one weight row (q, d, m).  m == NULL: no offset term (Q8).
+ * `per` scales per 32-block: 1, or 2 for 16-value groups (d[per * b] for the first half of block b,
+ * d[per * b + per - 1] for the second).  From 4 rows on, each block's values are scaled once and
+ * shared by all rows (the same single rounding of d * q as the reference); fewer rows scale their
+ * dot products instead.  xpart [rows, K / 32, 8] holds each block of x summed down to 8 lanes, which
+ * the offsets m multiply. */
 static inline __attribute__((always_inline)) void weight_row(
-        int rows, int is_q8, const float *x, const float *xpart, const void *q, const float *d, const float *m,
-        float *y, int64_t N, int64_t K) {
+        int rows, int is_q8, int per, const float *x, const float *xpart, const void *q, const float *d,
+        const float *m, float *y, int64_t N, int64_t K) {
     const int64_t nb = K / BLOCK;
     const int shared_scale = rows >= 4;
     __m256 acc[MAX_ROWS];
@@ -66,15 +74,19 @@ static inline __attribute__((always_inline)) void weight_row(
         __m256 w[4];
         if (is_q8) unpack_q8((const int8_t *)q + BLOCK * b, w);
         else unpack_q4((const uint8_t *)q + BLOCK / 2 * b, w);
-        const __m256 db = _mm256_set1_ps(d[b]);
+        const __m256 d_lo = _mm256_set1_ps(d[per * b]), d_hi = _mm256_set1_ps(d[per * b + per - 1]);
         if (shared_scale)
-            for (int i = 0; i < 4; i++) w[i] = _mm256_mul_ps(db, w[i]);
+            for (int i = 0; i < 4; i++) w[i] = _mm256_mul_ps(i < 2 ? d_lo : d_hi, w[i]);
         for (int r = 0; r < rows; r++) {
             const float *xb = x + r * K + BLOCK * b;
-            if (shared_scale)
+            if (shared_scale) {
                 for (int i = 0; i < 4; i++) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 8 * i), w[i], acc[r]);
-            else
-                acc[r] = _mm256_fmadd_ps(db, dot_block(xb, w), acc[r]);
+            } else if (per == 1) {
+                acc[r] = _mm256_fmadd_ps(d_lo, dot_block(xb, w), acc[r]);
+            } else {
+                acc[r] = _mm256_fmadd_ps(d_lo, dot_half(xb, w[0], w[1]), acc[r]);
+                acc[r] = _mm256_fmadd_ps(d_hi, dot_half(xb + 16, w[2], w[3]), acc[r]);
+            }
             if (m)
                 acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(m[b]), _mm256_loadu_ps(xpart + (r * nb + b) * 8), acc[r]);
         }
@@ -82,9 +94,9 @@ static inline __attribute__((always_inline)) void weight_row(
     for (int r = 0; r < rows; r++) y[r * N] = hsum(acc[r]);
 }
 
-#define ROWS_CASE(R) case R: weight_row(R, is_q8, xr, sr, qn, dn, mn, yr, N, K); break;
+#define ROWS_CASE(R) case R: weight_row(R, is_q8, per, xr, sr, qn, dn, mn, yr, N, K); break;
 
-static void matmul(int is_q8, const float *x, const void *qs, const float *d, const float *m, float *y,
+static void matmul(int is_q8, int per, const float *x, const void *qs, const float *d, const float *m, float *y,
                    int64_t M, int64_t N, int64_t K) {
     const int64_t nb = K / BLOCK;
     const int64_t row_bytes = is_q8 ? K : K / 2;
@@ -101,7 +113,7 @@ static void matmul(int is_q8, const float *x, const void *qs, const float *d, co
     #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const void *qn = (const uint8_t *)qs + n * row_bytes;
-        const float *dn = d + n * nb, *mn = m ? m + n * nb : NULL;
+        const float *dn = d + n * nb * per, *mn = m ? m + n * nb : NULL;
         for (int64_t r0 = 0; r0 < M; r0 += MAX_ROWS) {
             const float *xr = x + r0 * K;
             const float *sr = xpart ? xpart + r0 * nb * 8 : NULL;
@@ -117,15 +129,18 @@ static void matmul(int is_q8, const float *x, const void *qs, const float *d, co
 
 void ibl_q4_1_matmul(const float *x, const uint8_t *qs, const float *d, const float *m, float *y,
                      int64_t M, int64_t N, int64_t K) {
-    matmul(0, x, qs, d, m, y, M, N, K);
+    matmul(0, 1, x, qs, d, m, y, M, N, K);
 }
 
-void ibl_q8_0_matmul(const float *x, const int8_t *qs, const float *d, float *y, int64_t M, int64_t N, int64_t K) {
-    matmul(1, x, qs, d, NULL, y, M, N, K);
+/* group: values per scale, 32 or 16. */
+void ibl_q8_matmul(const float *x, const int8_t *qs, const float *d, float *y, int64_t M, int64_t N, int64_t K,
+                   int64_t group) {
+    matmul(1, BLOCK / group, x, qs, d, NULL, y, M, N, K);
 }
 
-/* W [N, K] float32 from the blocks, rows split across threads. m == NULL: Q8_0. */
-static void dequantize(int is_q8, const void *qs, const float *d, const float *m, float *w, int64_t N, int64_t K) {
+/* W [N, K] float32 from the blocks, rows split across threads. m == NULL: Q8. */
+static void dequantize(int is_q8, int per, const void *qs, const float *d, const float *m, float *w,
+                       int64_t N, int64_t K) {
     const int64_t nb = K / BLOCK, row_bytes = is_q8 ? K : K / 2;
     #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
@@ -133,10 +148,10 @@ static void dequantize(int is_q8, const void *qs, const float *d, const float *m
             __m256 v[4];
             if (is_q8) unpack_q8((const int8_t *)qs + n * row_bytes + BLOCK * b, v);
             else unpack_q4((const uint8_t *)qs + n * row_bytes + BLOCK / 2 * b, v);
-            const __m256 db = _mm256_set1_ps(d[n * nb + b]);
+            const float *db = d + (n * nb + b) * per;
             const __m256 mb = _mm256_set1_ps(m ? m[n * nb + b] : 0.f);
             for (int i = 0; i < 4; i++) {
-                __m256 out = _mm256_mul_ps(db, v[i]);
+                __m256 out = _mm256_mul_ps(_mm256_set1_ps(db[i < 2 ? 0 : per - 1]), v[i]);
                 if (m) out = _mm256_add_ps(out, mb);
                 _mm256_storeu_ps(w + n * K + BLOCK * b + 8 * i, out);
             }
@@ -145,9 +160,9 @@ static void dequantize(int is_q8, const void *qs, const float *d, const float *m
 }
 
 void ibl_q4_1_dequantize(const uint8_t *qs, const float *d, const float *m, float *w, int64_t N, int64_t K) {
-    dequantize(0, qs, d, m, w, N, K);
+    dequantize(0, 1, qs, d, m, w, N, K);
 }
 
-void ibl_q8_0_dequantize(const int8_t *qs, const float *d, float *w, int64_t N, int64_t K) {
-    dequantize(1, qs, d, NULL, w, N, K);
+void ibl_q8_dequantize(const int8_t *qs, const float *d, float *w, int64_t N, int64_t K, int64_t group) {
+    dequantize(1, BLOCK / group, qs, d, NULL, w, N, K);
 }

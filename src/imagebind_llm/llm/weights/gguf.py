@@ -5,10 +5,11 @@ Q4_1, Q4_K, Q6_K, ...) to float32 numpy arrays; we convert one tensor at a time 
 dtype and device and assign it into a model built on the ``meta`` device, so the file is never held
 twice in memory.
 
-Quantised projections: Q4_0, Q4_1, Q4_K and Q8_0 weights of the linear layers (and the token embedding)
-can stay in their blocks as `QuantizedLinear` / `QuantizedEmbedding` modules, computed with the compiled
-CPU kernels; by default this happens for float32 models on the CPU when the kernels are available.
-Other types (Q5_*, Q6_K, ...) are always dequantised.
+Quantised projections: Q4_0, Q4_1, Q4_K, Q8_0 and Q6_K weights of the linear layers (and the token
+embedding) can stay in their blocks as `QuantizedLinear` / `QuantizedEmbedding` modules, computed
+with the compiled CPU kernels; by default this happens for float32 models on the CPU when the kernels
+are available.
+Other types (Q5_*, Q2_K, Q3_K, ...) are always dequantised.
 
 Rotary layout: llama.cpp's converter stores Q/K of ``llama`` models in Meta's interleaved-pair layout,
 which is ours, but leaves ``qwen2`` models (run with NEOX-style RoPE) in Hugging Face's rotate-half
@@ -153,7 +154,7 @@ def _to_torch(tensor: Any, dtype: torch.dtype, device: torch.device | str) -> to
 
 
 # GGUF block layouts kept quantised: (values per block, bytes per block).
-_BLOCK_BYTES = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34), "Q4_K": (256, 144)}
+_BLOCK_BYTES = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34), "Q4_K": (256, 144), "Q6_K": (256, 210)}
 
 
 def _f16(raw: np.ndarray) -> torch.Tensor:
@@ -168,11 +169,11 @@ def _pack_nibbles(values: np.ndarray) -> torch.Tensor:
 
 
 def _quantized_weight(tensor: Any, shape: tuple[int, int]) -> QuantizedWeight:
-    """The blocks of a Q4_0 / Q4_1 / Q8_0 / Q4_K GGUF tensor ``[N, K]`` as a `QuantizedWeight`.
+    """The blocks of a Q4_0 / Q4_1 / Q4_K / Q8_0 / Q6_K GGUF tensor ``[N, K]`` as a `QuantizedWeight`.
 
-    Every format becomes 32-value blocks with float32 scales (and offsets) holding exactly the values
-    the `gguf` package decodes: Q4_0 stores ``q - 8`` (offset ``-8 d``); Q4_K's 6-bit sub-block scales
-    and minimums multiply into float32 exactly.
+    Every format becomes 4-bit or int8 values with float32 scales (and offsets) holding exactly the
+    values the `gguf` package decodes: Q4_0 stores ``q - 8`` (offset ``-8 d``); the K-quants' sub-block
+    scales (and Q4_K's minimums) multiply into float32 exactly; Q6_K's 6-bit ``q - 32`` fits int8.
     """
     kind = tensor.tensor_type.name
     per_block, size = _BLOCK_BYTES[kind]
@@ -180,7 +181,13 @@ def _quantized_weight(tensor: Any, shape: tuple[int, int]) -> QuantizedWeight:
     n = shape[0]
     if kind == "Q8_0":
         values = torch.from_numpy(np.ascontiguousarray(raw[..., 2:]).reshape(n, -1))
-        return QuantizedWeight("q8_0", values.view(torch.int8), _f16(raw[..., 0:2]))
+        return QuantizedWeight("q8", values.view(torch.int8), _f16(raw[..., 0:2]))
+    if kind == "Q6_K":  # 128 bytes of low 4 bits, 64 of high 2 bits, 16 int8 scales (one per 16), d
+        low = raw[..., :128].reshape(n, -1, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 1, 2, 1)
+        high = raw[..., 128:192].reshape(n, -1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 1, 4, 1)
+        q = ((low & 0x0F).reshape(n, -1, 256) | ((high & 0x03).reshape(n, -1, 256) << 4)).astype(np.int8) - np.int8(32)
+        sub_scales = torch.from_numpy(np.ascontiguousarray(raw[..., 192:208]).view(np.int8).astype(np.float32))
+        return QuantizedWeight("q8", torch.from_numpy(q.reshape(n, -1)), (_f16(raw[..., 208:210])[..., None] * sub_scales).view(n, -1))
     if kind in ("Q4_0", "Q4_1"):
         scales = _f16(raw[..., 0:2])
         offsets = _f16(raw[..., 2:4]) if kind == "Q4_1" else -8 * scales
@@ -225,7 +232,7 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, device: t
         path: the ``.gguf`` file.
         dtype: parameter dtype (tensors are dequantised and cast one at a time).
         device: where the parameters are created.
-        quantized: keep Q4_0 / Q4_1 / Q4_K / Q8_0 projection weights in their blocks (`QuantizedLinear`),
+        quantized: keep Q4_0 / Q4_1 / Q4_K / Q8_0 / Q6_K projection weights in their blocks (`QuantizedLinear`),
             computed by the compiled kernels: the same weights, several times less memory read per
             token. None (default): when ``dtype`` is float32, ``device`` the CPU and
             `kernels.available()`; False: dequantise everything to ``dtype``.
