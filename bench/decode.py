@@ -1,6 +1,7 @@
-"""Decode speed of our decoder vs `transformers` `generate` on the embedded SmolLM2-135M (CPU, float32).
+"""Decode speed of our decoder vs `transformers` `generate` on a GGUF model (CPU, float32).
 
-All three read the same weights, the bundled GGUF (Q4_1 projections, Q8_0 tied embedding):
+All three read the same weights, by default the bundled SmolLM2-135M-Instruct GGUF (Q4_1 projections,
+Q8_0 tied embedding; ``--model`` for another file):
 
 * ``ours``: our decoder as `load_gguf` builds it by default, the projections kept in their Q4_1/Q8_0
   blocks and multiplied by the compiled kernels (float32 activations and accumulation);
@@ -17,7 +18,7 @@ each the best of ``--repeats`` runs, alternating the implementations so that loa
 hits all alike. ``weights MB`` is what one decode step reads of weights and ``weights GB/s`` that times
 steps/s: at batch 1 decoding is bound by memory traffic, which the quantised blocks cut 5x.
 
-    python bench/decode.py [--new-tokens 64] [--batch-sizes 1 8] [--threads 2]
+    python bench/decode.py [--new-tokens 64] [--batch-sizes 1 8] [--threads 2] [--model file.gguf]
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import argparse
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -55,13 +57,14 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--model", type=Path, default=None, help="a LLaMA-family .gguf file (default: the embedded SmolLM2)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers  # the peer; imported late so HF_HUB_OFFLINE applies
 
-    path = find_default_gguf()
+    path = args.model or find_default_gguf()
     models = {"ours": load_gguf(path)[0], "ours fp32": load_gguf(path, quantized=False)[0],
               PEER: transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                                       dtype=torch.float32).eval()}
@@ -100,7 +103,7 @@ def main() -> None:
         identical &= all(best[name][2] == best[PEER][2] for name in runs)
         table.append((batch, speeds))
 
-    print(f"SmolLM2-135M-Instruct ({path.name}) on CPU, {torch.get_num_threads()} threads, float32 activations; "
+    print(f"{path.name} on CPU, {torch.get_num_threads()} threads, float32 activations; "
           f"prompt {len(prompt)} tokens, {n} new tokens, greedy, best of {args.repeats}")
     sizes = {name: weight_bytes(model) for name, model in models.items()}
     header = f"{'batch':>5} | {'impl':<12} | {'prompt tok/s':>12} | {'decode tok/s':>12} | " \

@@ -113,16 +113,34 @@ def test_without_kernels_everything_falls_back_to_the_reference(monkeypatch):
 
 def test_kernels_build_into_the_cache_folder_and_can_be_disabled(tmp_path, monkeypatch):
     monkeypatch.setenv("IMAGEBIND_LLM_CACHE", str(tmp_path))
-    kernels._library.cache_clear()
+    kernels._load.cache_clear()
     try:
         monkeypatch.setenv("IMAGEBIND_LLM_KERNELS", "0")
         assert not kernels.available() and "IMAGEBIND_LLM_KERNELS=0" in kernels.unavailable_reason()
-        kernels._library.cache_clear()
+        kernels._load.cache_clear()
         monkeypatch.delenv("IMAGEBIND_LLM_KERNELS")
         if kernels.available():
             assert len(list((tmp_path / "kernels").glob("quant_matmul-*.so"))) == 1
     finally:
-        kernels._library.cache_clear()
+        kernels._load.cache_clear()
+
+
+def test_a_failed_build_is_reported_once_and_not_retried(tmp_path, monkeypatch):
+    monkeypatch.setenv("IMAGEBIND_LLM_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    calls = []
+    real_run = kernels.subprocess.run
+    monkeypatch.setattr(kernels.subprocess, "run", lambda *a, **k: calls.append(a) or real_run(*a, **k))
+    kernels._load.cache_clear()
+    try:
+        assert not kernels.available() and not kernels.available()
+        assert "compiling quant_matmul.c with false failed" in kernels.unavailable_reason()
+        assert len(calls) == 1
+        w = random_weight("q8")
+        x = torch.randn(2, w.in_features)
+        assert torch.equal(w.matmul(x), F.linear(x, dequantize_reference("q8", w.blocks, w.scales, None)))
+    finally:
+        kernels._load.cache_clear()
 
 
 def test_bad_blocks_are_rejected():

@@ -62,8 +62,7 @@ def _build(compiler: str, target: Path) -> None:
         os.replace(out, target)  # atomic: concurrent builders each install a complete file
 
 
-@functools.cache
-def _library() -> ctypes.CDLL:
+def _build_and_load() -> ctypes.CDLL:
     if os.environ.get(DISABLE_ENV, "1") == "0":
         raise KernelsUnavailable(f"disabled by {DISABLE_ENV}=0")
     if sys.platform != "linux" or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
@@ -84,17 +83,31 @@ def _library() -> ctypes.CDLL:
     return lib
 
 
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
+    """``(library, None)``, or ``(None, why not)``: decided once per process (a failed build is not retried)."""
+    try:
+        return _build_and_load(), None
+    except (KernelsUnavailable, OSError) as e:
+        if os.environ.get(DISABLE_ENV, "1") != "0":
+            log.warning("quantised GGUF kernels unavailable (%s); quantised weights will be dequantised", e)
+        return None, str(e)
+
+
+def _library() -> ctypes.CDLL:
+    lib, reason = _load()
+    if lib is None:
+        raise KernelsUnavailable(reason)
+    return lib
+
+
 def unavailable_reason() -> str | None:
     """None when the kernels load; otherwise why they do not."""
-    try:
-        _library()
-    except (KernelsUnavailable, OSError) as e:
-        return str(e)
-    return None
+    return _load()[1]
 
 
 def available() -> bool:
-    return unavailable_reason() is None
+    return _load()[0] is not None
 
 
 def matmul_function(fmt: str, blocks: Tensor, scales: Tensor, offsets: Tensor | None = None
