@@ -58,16 +58,17 @@ def _warn_if_vanilla_base(llm_path: Path, adapter: Mapping[str, torch.Tensor], l
             llm_path, BASE_MARKER)
 
 
-def from_official(llm_path: str | Path, adapter: str | Path | Mapping[str, torch.Tensor] | None = None,
+def from_official(llm_path: str | Path | None, adapter: str | Path | Mapping[str, torch.Tensor] | None = None,
                   imagebind: nn.Module | str | Path | None = None, *, tokenizer: str | Path | None = None,
                   phase: str = "finetune", imagebind_config: ImageBindConfig | str | Path | None = None,
                   dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                  max_seq_len: int = 512) -> ImageBindLLM:
+                  max_seq_len: int = 512, lora_rank: int = 16, inject_layers: int | None = None,
+                  feature_dim: int | None = None, quantized: bool | None = None) -> ImageBindLLM:
     """The released ImageBind-LLM: base LLM first, then the adapter file, as the official ``llama.load``.
 
     Args:
         llm_path: base weights: a Meta folder (``params.json`` + ``consolidated.*.pth``, e.g.
-            ``llama_dir/7B_chinese``), a Hugging Face folder or a ``.gguf`` file.
+            ``llama_dir/7B_chinese``), a Hugging Face folder or a ``.gguf`` file; None for the embedded SmolLM2.
         adapter: ``7B.pth`` / ``7B-pretrained.pth`` / ``7B-beta.pth`` (``{'model': ...}``) or its state dict.
         imagebind: an encoder instance, or an official checkpoint (``imagebind_w3D.pth`` or Meta's
             ``imagebind_huge.pth``); None for a model without media.
@@ -76,25 +77,26 @@ def from_official(llm_path: str | Path, adapter: str | Path | Mapping[str, torch
         imagebind_config: encoder configuration, or a JSON file of ImageBindModel arguments; by default huge,
             with the point branch iff the file has one.
         max_seq_len: context length (the official model uses 512).
+        lora_rank, inject_layers: the adapter structure (see `AdapterConfig`; official: 16, every layer).
+        feature_dim: the ImageBind width when there is no encoder (default: the adapter file's, else 1024).
+        quantized: keep a GGUF base's quantised projections in their blocks (see `load_gguf`).
     """
-    llm_path = Path(llm_path)
-    loaded = load_llm(llm_path, dtype=dtype, device=device)
+    loaded = load_llm(llm_path, dtype=dtype, device=device, quantized=quantized)
     loaded.model.config.max_seq_len = max_seq_len
     official = None if adapter is None else (dict(adapter) if isinstance(adapter, Mapping) else read_adapter_file(adapter))
     encoder = _encoder(imagebind, imagebind_config, dtype, device)
     if encoder is not None:
         feature_dim = encoder.config.out_embed_dim
-    elif official is not None and "image_bind_proj.weight" in official:
+    elif feature_dim is None and official is not None and "image_bind_proj.weight" in official:
         feature_dim = official["image_bind_proj.weight"].shape[1]
-    else:
-        feature_dim = AdapterConfig().feature_dim
-    config = AdapterConfig(feature_dim=feature_dim, phase=phase,
+    config = AdapterConfig(feature_dim=feature_dim or AdapterConfig().feature_dim, phase=phase, lora_rank=lora_rank,
+                           inject_layers=inject_layers,
                            legacy_bind=is_legacy_bind(official) if official is not None else False)
     model = ImageBindLLM(loaded.model, encoder, config,
                          tokenizer=load_tokenizer(tokenizer) if tokenizer is not None else loaded.tokenizer)
     model.to(device=device, dtype=dtype)
     if official is not None:
-        _warn_if_vanilla_base(llm_path, official, loaded.model.config)
+        _warn_if_vanilla_base(loaded.path, official, loaded.model.config)
         missing = model.load_adapter(official)
         if missing:
             logger.info("adapter file lacks %d tensors (kept at init): %s", len(missing), missing[:5])

@@ -26,10 +26,9 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
 
 from imagebind_llm.encoders import load_official as load_official_encoder
-from imagebind_llm.llm.tokenizer import load_tokenizer
-from imagebind_llm.llm.weights import load_llm
-from imagebind_llm.model.checkpoint import CheckpointMismatchError, is_legacy_bind, read_adapter_file
-from imagebind_llm.model.imagebind_llm import AdapterConfig, ImageBindLLM
+from imagebind_llm.model.checkpoint import CheckpointMismatchError, read_adapter_file
+from imagebind_llm.model.factory import from_official
+from imagebind_llm.model.imagebind_llm import ImageBindLLM
 from imagebind_llm.train import distributed
 from imagebind_llm.train.checkpoint import export, load_checkpoint, save_checkpoint
 from imagebind_llm.train.data import TrainDataset, batch_order, collate, steps_per_epoch
@@ -153,25 +152,22 @@ def build_model(config: dict[str, Any], phase: str, *, need_encoder: bool, featu
                 ) -> ImageBindLLM:
     """The model of ``config['model']`` on the CPU, in ``phase``, with its initial adapter loaded.
 
+    The base LLM is dense even from a GGUF file: training multiplies by float32 weights anyway.
+
     Args:
         need_encoder: load ImageBind (False when training from a feature store).
         feature_dim: ImageBind output width when the encoder is not loaded.
     """
     cfg = config["model"]
-    loaded = load_llm(cfg["llm"])
-    loaded.model.config.max_seq_len = cfg["max_seq_len"]
-    tokenizer = load_tokenizer(cfg["tokenizer"]) if cfg["tokenizer"] else loaded.tokenizer
-    encoder = load_encoder(cfg) if need_encoder else None
-    adapter = _read_adapter(cfg["adapter"]) if cfg["adapter"] else None
-    legacy = adapter is not None and adapter[0] == "official" and is_legacy_bind(adapter[1])
-    dim = encoder.config.out_embed_dim if encoder is not None else feature_dim
-    if dim is None:
+    if not need_encoder and feature_dim is None:
         raise ValueError("feature_dim is needed when the model is built without an encoder")
-    model = ImageBindLLM(loaded.model, encoder, AdapterConfig(feature_dim=dim, phase=phase, lora_rank=cfg["lora_rank"],
-                                                              inject_layers=cfg["inject_layers"], legacy_bind=legacy),
-                         tokenizer=tokenizer)
-    if adapter is not None:
-        _load_adapter(model, *adapter)
+    kind, tensors = _read_adapter(cfg["adapter"]) if cfg["adapter"] else (None, None)
+    model = from_official(cfg["llm"], tensors if kind == "official" else None,
+                          load_encoder(cfg) if need_encoder else None, tokenizer=cfg["tokenizer"] or None,
+                          phase=phase, max_seq_len=cfg["max_seq_len"], lora_rank=cfg["lora_rank"],
+                          inject_layers=cfg["inject_layers"], feature_dim=feature_dim, quantized=False)
+    if kind == "ours":
+        _load_our_adapter(model, tensors)
     return model
 
 
@@ -193,19 +189,16 @@ def _read_adapter(source: str) -> tuple[str, dict[str, torch.Tensor]]:
     return "official", read_adapter_file(path)
 
 
-def _load_adapter(model: ImageBindLLM, kind: str, tensors: dict[str, torch.Tensor]) -> None:
-    """Load an initial adapter; weights it lacks (e.g. stage-2 LoRA in a stage-1 file) keep their init."""
-    if kind == "official":
-        missing = model.load_adapter(tensors)
-    else:
-        params = dict(model.named_parameters())
-        unexpected = sorted(set(tensors) - set(params))
-        if unexpected:
-            raise CheckpointMismatchError(f"adapter tensors unknown to this model: {unexpected[:5]}")
-        with torch.no_grad():
-            for name, tensor in tensors.items():
-                params[name].copy_(tensor)
-        missing = sorted(set(model.adapter_parameter_names()) - set(tensors))
+def _load_our_adapter(model: ImageBindLLM, tensors: dict[str, torch.Tensor]) -> None:
+    """Load a `save_pretrained` adapter as the starting point; weights it lacks keep their init."""
+    params = dict(model.named_parameters())
+    unexpected = sorted(set(tensors) - set(params))
+    if unexpected:
+        raise CheckpointMismatchError(f"adapter tensors unknown to this model: {unexpected[:5]}")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor)
+    missing = sorted(set(model.adapter_parameter_names()) - set(tensors))
     if missing:
         log.info("initial adapter lacks %d tensors (kept at their init), e.g. %s", len(missing), missing[:3])
 
