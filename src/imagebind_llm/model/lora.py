@@ -49,7 +49,9 @@ class LoRALinear(nn.Linear):
         nn.init.zeros_(self.lora_b.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_forward(x) + self.lora_b(self.lora_a(x))
+        # Functional calls (not the submodules'): at small widths the module-call overhead is measurable.
+        low_rank = F.linear(F.linear(x, self.lora_a.weight), self.lora_b.weight)
+        return self.base_forward(x) + low_rank
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen projection alone (the path ImageBind-LLM's injection uses for W_v)."""
