@@ -5,8 +5,10 @@ Q8_0 tied embedding; ``--model`` for another file):
 
 * ``ours``: our decoder as `load_gguf` builds it by default, the projections kept in their Q4_1/Q8_0
   blocks and multiplied by the compiled kernels (float32 activations and accumulation);
-* ``ours fp32``: our decoder with every tensor dequantised to float32 (``quantized=False``);
+* ``ours dense``: our decoder with every tensor dequantised to float32 (``quantized=False``);
 * ``transformers``: `LlamaForCausalLM` from transformers' own GGUF loader (dequantised to float32).
+
+On a GPU (``--device cuda``, optionally ``--dtype bfloat16 --compile``) both decoders are dense.
 
 Each runs greedy on the same chat prompt for the same number of new tokens (``min_new_tokens`` on all
 sides: EOS is suppressed until then), and all must produce identical tokens. Per batch size:
@@ -19,6 +21,7 @@ hits all alike. ``weights MB`` is what one decode step reads of weights and ``we
 steps/s: at batch 1 decoding is bound by memory traffic, which the quantised blocks cut 5x.
 
     python bench/decode.py [--new-tokens 64] [--batch-sizes 1 8] [--threads 2] [--model file.gguf]
+                           [--device cuda --dtype bfloat16 --compile]
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from torch import nn
 
 from imagebind_llm.llm import kernels
 from imagebind_llm.llm.generate import generate
+from imagebind_llm.llm.quantized import QuantizedLinear
 from imagebind_llm.llm.weights.gguf import find_default_gguf, load_gguf
 
 PROMPT = "What is the capital of France? Answer in one sentence, then name three famous landmarks there."
@@ -58,18 +62,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--model", type=Path, default=None, help="a LLaMA-family .gguf file (default: the embedded SmolLM2)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (on a GPU everything is dense)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--compile", action="store_true", help="torch.compile our decode step (GPU)")
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers  # the peer; imported late so HF_HUB_OFFLINE applies
 
     path = args.model or find_default_gguf()
-    models = {"ours": load_gguf(path)[0], "ours fp32": load_gguf(path, quantized=False)[0],
-              PEER: transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                                      dtype=torch.float32).eval()}
-    if kernels.unavailable_reason():
-        print(f"note: quantised kernels unavailable ({kernels.unavailable_reason()}); 'ours' is dense too")
+    models = {"ours": load_gguf(path, dtype=dtype, device=args.device)[0]}
+    if any(isinstance(m, QuantizedLinear) for m in models["ours"].modules()):  # else "ours" is dense already
+        models["ours dense"] = load_gguf(path, dtype=dtype, device=args.device, quantized=False)[0]
+    elif args.device == "cpu" and dtype == torch.float32:
+        print(f"note: quantised kernels unavailable ({kernels.unavailable_reason()}); 'ours' is dense")
+    models[PEER] = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=dtype).to(args.device).eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     prompt = hf_tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
     prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
@@ -77,12 +87,12 @@ def main() -> None:
 
     def run_ours(model: nn.Module, batch: int, new: int) -> list[list[int]]:
         completions = generate(model, [prompt] * batch, max_new_tokens=new, min_new_tokens=new,
-                               stop_token_ids=[hf_tok.eos_token_id])
+                               stop_token_ids=[hf_tok.eos_token_id], compile=args.compile)
         return [c.tokens for c in completions]
 
     @torch.inference_mode()
     def run_peer(model: nn.Module, batch: int, new: int) -> list[list[int]]:
-        ids = torch.tensor([prompt] * batch)
+        ids = torch.tensor([prompt] * batch, device=args.device)
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
                              do_sample=False, pad_token_id=hf_tok.eos_token_id)
         return out[:, len(prompt):].tolist()
@@ -103,7 +113,8 @@ def main() -> None:
         identical &= all(best[name][2] == best[PEER][2] for name in runs)
         table.append((batch, speeds))
 
-    print(f"{path.name} on CPU, {torch.get_num_threads()} threads, float32 activations; "
+    where = f"CPU, {torch.get_num_threads()} threads" if args.device == "cpu" else torch.cuda.get_device_name()
+    print(f"{path.name} on {where}, {args.dtype} activations{', compiled' if args.compile else ''}; "
           f"prompt {len(prompt)} tokens, {n} new tokens, greedy, best of {args.repeats}")
     sizes = {name: weight_bytes(model) for name, model in models.items()}
     header = f"{'batch':>5} | {'impl':<12} | {'prompt tok/s':>12} | {'decode tok/s':>12} | " \
