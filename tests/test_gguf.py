@@ -21,16 +21,16 @@ Q = gguf.GGMLQuantizationType
 CONFIG = LLMConfig(vocab_size=64, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=256, norm_eps=1e-5,
                    rope_theta=10000.0, max_seq_len=128)
 # One quantisation type per tensor role (as llama.cpp mixes them), per layer shifted to cover more types.
-TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q6_K, Q.F16, Q.BF16, Q.F32]
+TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.F16, Q.BF16, Q.F32]
 ROLES = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
 
 
 def _k_quant_bytes(shape: tuple[int, int], qtype: Q, rng: np.random.Generator) -> np.ndarray:
-    """Random but valid Q4_K / Q6_K blocks (the gguf package decodes K-quants but cannot encode them)."""
+    """Random but valid Q4_K / Q5_K / Q6_K blocks (the gguf package decodes K-quants but cannot encode them)."""
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, (shape[0], shape[1] // block, size), dtype=np.uint8)
     scale = rng.uniform(1e-3, 1e-2, raw.shape[:2]).astype(np.float16).view(np.uint8).reshape(*raw.shape[:2], 2)
-    if qtype == Q.Q4_K:  # d and dmin lead the block
+    if qtype in (Q.Q4_K, Q.Q5_K):  # d and dmin lead the block
         raw[..., 0:2], raw[..., 2:4] = scale, scale[..., ::-1] & np.uint8(0x1F)  # small positive dmin
     else:  # Q6_K: d closes the block
         raw[..., -2:] = scale
@@ -78,8 +78,8 @@ def _random_tensors(config: LLMConfig, seed: int = 0) -> dict[str, tuple[np.ndar
         out[f"blk.{i}.attn_norm.weight"] = (rng.uniform(0.5, 1.5, d).astype(np.float32), Q.F32)
         out[f"blk.{i}.ffn_norm.weight"] = (rng.uniform(0.5, 1.5, d).astype(np.float32), Q.F32)
         for j, role in enumerate(ROLES):
-            qtype = TYPES[(i + j) % len(TYPES)]
-            array = (_k_quant_bytes(shapes[role], qtype, rng) if qtype in (Q.Q4_K, Q.Q6_K)
+            qtype = TYPES[(i * len(ROLES) + j) % len(TYPES)]
+            array = (_k_quant_bytes(shapes[role], qtype, rng) if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K)
                      else rng.normal(0, 0.1, shapes[role]).astype(np.float32))
             out[f"blk.{i}.{role}.weight"] = (array, qtype)
     return out
@@ -130,7 +130,7 @@ def test_quantised_tensors_round_trip(tmp_path):
     kept, _ = load_gguf(path, quantized=True)
     blocks = {f"{name}.weight": m.quantized for name, m in kept.named_modules()
               if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
-    kept_types = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q6_K)
+    kept_types = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
     assert set(blocks) == {_our_key(name) for name, (_, q) in tensors.items() if q in kept_types}
     for key, weight in blocks.items():
         assert torch.equal(weight.dequantize(), state[key]), key

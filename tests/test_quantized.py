@@ -18,17 +18,20 @@ from imagebind_llm.llm.quantized import (
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"kernels: {kernels.unavailable_reason()}")
 
 
-def random_weight(fmt: str, n: int = 80, k: int = 96, seed: int = 0, group: int = 32) -> QuantizedWeight:
+def random_weight(fmt: str, n: int = 80, k: int = 96, seed: int = 0, group: int = 32,
+                  offsets: bool | None = None) -> QuantizedWeight:
+    """Random blocks; ``offsets`` defaults to the format's usual (q4_1: yes, q8: no)."""
     g = torch.Generator().manual_seed(seed)
     scales = (torch.rand(n, k // group, generator=g) * 0.02 + 1e-3).half().float()  # float16 values, as in GGUF
+    mins = (-torch.rand(n, k // 32, generator=g) * 0.1).half().float()
     if fmt == "q4_1":
-        blocks = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
-        offsets = (-torch.rand(n, k // 32, generator=g) * 0.1).half().float()
-        return QuantizedWeight(fmt, blocks, scales, offsets)
-    return QuantizedWeight(fmt, torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g), scales)
+        return QuantizedWeight(fmt, torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g), scales, mins)
+    values = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    return QuantizedWeight(fmt, values, scales, mins if offsets else None)
 
 
-FORMATS = [("q4_1", 32), ("q8", 32), ("q8", 16)]  # (format, values per scale)
+# (format, values per scale, offsets): Q4_0/Q4_1/Q4_K; Q8_0/Q5_0; Q6_K; Q5_1/Q5_K
+FORMATS = [("q4_1", 32, True), ("q8", 32, False), ("q8", 16, False), ("q8", 32, True)]
 
 
 def test_reference_dequantisation_follows_ggml_nibble_order():
@@ -42,20 +45,22 @@ def test_reference_dequantisation_follows_ggml_nibble_order():
     assert torch.equal(dequantize_reference("q8", q8, torch.tensor([[0.25]]), None), q8.float() * 0.25)
     halves = dequantize_reference("q8", q8, torch.tensor([[0.25, 2.0]]), None)  # one scale per 16 values
     assert torch.equal(halves, torch.cat([q8[:, :16].float() * 0.25, q8[:, 16:].float() * 2.0], 1))
+    shifted = dequantize_reference("q8", q8, torch.tensor([[0.25]]), torch.tensor([[3.0]]))
+    assert torch.equal(shifted, q8.float() * 0.25 + 3.0)
 
 
 @needs_kernels
-@pytest.mark.parametrize("fmt,group", FORMATS)
-def test_kernel_dequantisation_is_bitwise_the_reference(fmt, group):
-    w = random_weight(fmt, n=64, k=128, group=group)
+@pytest.mark.parametrize("fmt,group,offsets", FORMATS)
+def test_kernel_dequantisation_is_bitwise_the_reference(fmt, group, offsets):
+    w = random_weight(fmt, n=64, k=128, group=group, offsets=offsets)
     assert torch.equal(w.dequantize(), dequantize_reference(fmt, w.blocks, w.scales, w.offsets))
 
 
 @needs_kernels
-@pytest.mark.parametrize("fmt,group", FORMATS)
+@pytest.mark.parametrize("fmt,group,offsets", FORMATS)
 @pytest.mark.parametrize("rows", [1, 3, 4, 8, 9, 16])  # 4+ rows share pre-scaled blocks, fewer scale dot products
-def test_kernel_matmul_matches_float64_product(fmt, group, rows):
-    w = random_weight(fmt, seed=rows, group=group)
+def test_kernel_matmul_matches_float64_product(fmt, group, offsets, rows):
+    w = random_weight(fmt, seed=rows, group=group, offsets=offsets)
     x = torch.randn(rows, w.in_features, generator=torch.Generator().manual_seed(1))
     expected = x.double() @ w.dequantize().double().T
     got = w.matmul(x)

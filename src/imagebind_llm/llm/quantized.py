@@ -7,9 +7,10 @@ float32 rows on the CPU (decoding); larger inputs (prompt prefill), other dtypes
 that need gradients multiply by the dequantised weight instead. Either way the weight is exactly
 ``d * q + m`` of each group of values, the values llama.cpp and the `gguf` package define.
 
-Two formats cover the five GGUF types (the loader converts them exactly): ``"q4_1"``, 4-bit values
-with a scale and an offset per 32 (Q4_1; Q4_0 and Q4_K too), and ``"q8"``, int8 values with a scale
-per 32 (Q8_0) or per 16 (Q6_K, whose 6-bit values minus 32 fit int8). Scales are stored as the raw bits of float32 (an int32 buffer), so casting the model to another dtype
+Two formats cover eight GGUF types (the loader converts them exactly): ``"q4_1"``, 4-bit values with
+a scale and an offset per 32 (Q4_1; Q4_0 and Q4_K too), and ``"q8"``, int8 values with a scale per 32
+(Q8_0; Q5_0, and with offsets Q5_1 and Q5_K) or per 16 (Q6_K, whose 6-bit values minus 32 fit int8).
+Scales are stored as the raw bits of float32 (an int32 buffer), so casting the model to another dtype
 never rounds them.
 """
 
@@ -39,7 +40,8 @@ def dequantize_reference(fmt: str, blocks: Tensor, scales: Tensor, offsets: Tens
         packed = blocks.view(n, groups, BLOCK // 2)
         q = torch.cat([packed & 0x0F, packed >> 4], dim=-1).float()  # elements 0-15 low, 16-31 high nibbles
         return (q * scales[..., None] + offsets[..., None]).view(n, -1)
-    return (blocks.view(n, groups, -1).float() * scales[..., None]).view(n, -1)
+    w = blocks.view(n, groups, -1).float() * scales[..., None]
+    return (w if offsets is None else w + offsets[..., None]).view(n, -1)
 
 
 class QuantizedWeight(nn.Module):
@@ -49,19 +51,19 @@ class QuantizedWeight(nn.Module):
         fmt: ``"q4_1"`` (``blocks`` uint8 ``[N, K/2]``, two 4-bit values per byte: byte ``j`` of a
             32-block holds element ``j`` low and ``j + 16`` high) or ``"q8"`` (``blocks`` int8 ``[N, K]``).
         scales: group scales ``d``, ``[N, K/32]`` (``"q8"`` also ``[N, K/16]``).
-        offsets: ``[N, K/32]`` block offsets ``m`` (``"q4_1"`` only).
+        offsets: ``[N, K/32]`` block offsets ``m`` (``"q4_1"``: required; ``"q8"``: optional).
     """
 
     def __init__(self, fmt: str, blocks: Tensor, scales: Tensor, offsets: Tensor | None = None) -> None:
         super().__init__()
         if fmt not in FORMATS:
             raise ValueError(f"unknown quantised format {fmt!r}; expected one of {FORMATS}")
-        if (fmt == "q4_1") != (offsets is not None):
-            raise ValueError(f"{fmt} weights {'need' if fmt == 'q4_1' else 'take no'} offsets")
+        if fmt == "q4_1" and offsets is None:
+            raise ValueError("q4_1 weights need offsets")
         n, groups = scales.shape
         k = blocks.shape[-1] * (2 if fmt == "q4_1" else 1)
         dtype = torch.uint8 if fmt == "q4_1" else torch.int8
-        group_sizes = (32,) if fmt == "q4_1" else (32, 16)
+        group_sizes = (32,) if fmt == "q4_1" or offsets is not None else (32, 16)
         if (blocks.dim() != 2 or blocks.shape[0] != n or blocks.dtype != dtype or k % BLOCK
                 or k not in [groups * g for g in group_sizes]):
             raise ValueError(f"{fmt} blocks must be {dtype} [{n}, K] with K / {' or '.join(map(str, group_sizes))} "

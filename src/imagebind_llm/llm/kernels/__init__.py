@@ -1,4 +1,4 @@
-"""CPU kernels for block-quantised (GGUF Q4_0/Q4_1/Q4_K/Q8_0/Q6_K) weights, compiled on first use.
+"""CPU kernels for block-quantised (GGUF Q4_*, Q5_*, Q6_K, Q8_0) weights, compiled on first use.
 
 `quant_matmul.c` (AVX2 + FMA, OpenMP) is built with the system C compiler (``$CC``, else ``cc``) into
 the cache folder (``$IMAGEBIND_LLM_CACHE/kernels``, else ``~/.cache/imagebind_llm/kernels``), once per
@@ -37,9 +37,9 @@ BLOCK = 32
 _P, _N = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "ibl_q4_1_matmul": (_P, _P, _P, _P, _P, _N, _N, _N),
-    "ibl_q8_matmul": (_P, _P, _P, _P, _N, _N, _N, _N),
+    "ibl_q8_matmul": (_P, _P, _P, _P, _P, _N, _N, _N, _N),
     "ibl_q4_1_dequantize": (_P, _P, _P, _P, _N, _N),
-    "ibl_q8_dequantize": (_P, _P, _P, _N, _N, _N),
+    "ibl_q8_dequantize": (_P, _P, _P, _P, _N, _N, _N),
 }
 
 
@@ -116,8 +116,8 @@ def matmul_function(fmt: str, blocks: Tensor, scales: Tensor, offsets: Tensor | 
 
     ``fmt`` ``"q4_1"``: ``blocks`` uint8 ``[N, K/2]`` (byte ``j`` of a 32-block holds element ``j`` low
     and ``j + 16`` high), ``scales``/``offsets`` float32 ``[N, K/32]``; ``"q8"``: ``blocks`` int8
-    ``[N, K]``, ``scales`` ``[N, K/32]`` or ``[N, K/16]``. The tensors must stay alive and in place
-    while the function is used.
+    ``[N, K]``, ``scales`` ``[N, K/32]`` (optional ``offsets`` likewise) or ``[N, K/16]`` (no offsets).
+    The tensors must stay alive and in place while the function is used.
     """
     N, groups = scales.shape
     K = blocks.shape[1] * (2 if fmt == "q4_1" else 1)
@@ -125,10 +125,11 @@ def matmul_function(fmt: str, blocks: Tensor, scales: Tensor, offsets: Tensor | 
         if t is not None and not (t.is_cpu and t.is_contiguous()):
             raise ValueError("quantised weights must be contiguous CPU tensors")
     lib = _library()
+    weights = (blocks.data_ptr(), scales.data_ptr(), None if offsets is None else offsets.data_ptr())
     if fmt == "q4_1":
-        fn, weights, extra = lib.ibl_q4_1_matmul, (blocks.data_ptr(), scales.data_ptr(), offsets.data_ptr()), ()
+        fn, extra = lib.ibl_q4_1_matmul, ()
     else:
-        fn, weights, extra = lib.ibl_q8_matmul, (blocks.data_ptr(), scales.data_ptr()), (K // groups,)
+        fn, extra = lib.ibl_q8_matmul, (K // groups,)
 
     def matmul(x: Tensor) -> Tensor:
         if x.dtype != torch.float32 or not x.is_cpu or x.shape[-1] != K:
@@ -148,8 +149,9 @@ def dequantize(fmt: str, blocks: Tensor, scales: Tensor, offsets: Tensor | None 
     N, groups = scales.shape
     K = blocks.shape[1] * (2 if fmt == "q4_1" else 1)
     w = torch.empty(N, K)
+    weights = (blocks.data_ptr(), scales.data_ptr(), None if offsets is None else offsets.data_ptr())
     if fmt == "q4_1":
-        _library().ibl_q4_1_dequantize(blocks.data_ptr(), scales.data_ptr(), offsets.data_ptr(), w.data_ptr(), N, K)
+        _library().ibl_q4_1_dequantize(*weights, w.data_ptr(), N, K)
     else:
-        _library().ibl_q8_dequantize(blocks.data_ptr(), scales.data_ptr(), w.data_ptr(), N, K, K // groups)
+        _library().ibl_q8_dequantize(*weights, w.data_ptr(), N, K, K // groups)
     return w

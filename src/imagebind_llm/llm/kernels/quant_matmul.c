@@ -4,8 +4,9 @@
  *   Q4_1: W[n, 32b + i] = d[n, b] * q + m[n, b], q in 0..15, packed two per byte: byte j of a block
  *         holds element j in its low nibble and element j + 16 in its high nibble.  (Q4_0 is Q4_1 with
  *         m = -8 d.)
- *   Q8:   W[n, 32b + i] = d[n, b] * q, q int8 (llama.cpp's Q8_0), or with one scale per 16 values,
- *         d[n, 2b + i / 16] (Q6_K, whose values q - 32 fit int8).
+ *   Q8:   W[n, 32b + i] = d[n, b] * q (+ m[n, b]), q int8: llama.cpp's Q8_0, and the 5-bit types
+ *         (Q5_0 as q - 16; Q5_1 and Q5_K with offsets); or with one scale per 16 values and no
+ *         offsets, d[n, 2b + i / 16] (Q6_K, whose values q - 32 fit int8).
  * Scales d, m are float32 [N, K / 32] ([N, K / 16] for 16-value groups); the caller widens llama.cpp's
  * float16 (and Q4_K's / Q6_K's products of two scales) to them exactly.
  *
@@ -57,7 +58,7 @@ static inline __m256 dot_half(const float *x, __m256 w0, __m256 w1) {
     return _mm256_fmadd_ps(_mm256_loadu_ps(x + 8), w1, _mm256_mul_ps(_mm256_loadu_ps(x), w0));
 }
 
-/* y[r * N] for `rows` input rows and one weight row (q, d, m).  m == NULL: no offset term (Q8).
+/* y[r * N] for `rows` input rows and one weight row (q, d, m).  m == NULL: no offset term.
  * `per` scales per 32-block: 1, or 2 for 16-value groups (d[per * b] for the first half of block b,
  * d[per * b + per - 1] for the second).  From 4 rows on, each block's values are scaled once and
  * shared by all rows (the same single rounding of d * q as the reference); fewer rows scale their
@@ -132,13 +133,13 @@ void ibl_q4_1_matmul(const float *x, const uint8_t *qs, const float *d, const fl
     matmul(0, 1, x, qs, d, m, y, M, N, K);
 }
 
-/* group: values per scale, 32 or 16. */
-void ibl_q8_matmul(const float *x, const int8_t *qs, const float *d, float *y, int64_t M, int64_t N, int64_t K,
-                   int64_t group) {
-    matmul(1, BLOCK / group, x, qs, d, NULL, y, M, N, K);
+/* group: values per scale, 32 or 16 (16 only without offsets); m may be NULL. */
+void ibl_q8_matmul(const float *x, const int8_t *qs, const float *d, const float *m, float *y, int64_t M, int64_t N,
+                   int64_t K, int64_t group) {
+    matmul(1, BLOCK / group, x, qs, d, m, y, M, N, K);
 }
 
-/* W [N, K] float32 from the blocks, rows split across threads. m == NULL: Q8. */
+/* W [N, K] float32 from the blocks, rows split across threads. m == NULL: no offsets. */
 static void dequantize(int is_q8, int per, const void *qs, const float *d, const float *m, float *w,
                        int64_t N, int64_t K) {
     const int64_t nb = K / BLOCK, row_bytes = is_q8 ? K : K / 2;
@@ -163,6 +164,7 @@ void ibl_q4_1_dequantize(const uint8_t *qs, const float *d, const float *m, floa
     dequantize(0, 1, qs, d, m, w, N, K);
 }
 
-void ibl_q8_dequantize(const int8_t *qs, const float *d, float *w, int64_t N, int64_t K, int64_t group) {
-    dequantize(1, BLOCK / group, qs, d, NULL, w, N, K);
+void ibl_q8_dequantize(const int8_t *qs, const float *d, const float *m, float *w, int64_t N, int64_t K,
+                       int64_t group) {
+    dequantize(1, BLOCK / group, qs, d, m, w, N, K);
 }

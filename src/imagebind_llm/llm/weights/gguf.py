@@ -5,11 +5,11 @@ Q4_1, Q4_K, Q6_K, ...) to float32 numpy arrays; we convert one tensor at a time 
 dtype and device and assign it into a model built on the ``meta`` device, so the file is never held
 twice in memory.
 
-Quantised projections: Q4_0, Q4_1, Q4_K, Q8_0 and Q6_K weights of the linear layers (and the token
-embedding) can stay in their blocks as `QuantizedLinear` / `QuantizedEmbedding` modules, computed
+Quantised projections: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K weights of the linear layers
+(and the token embedding) can stay in their blocks as `QuantizedLinear` / `QuantizedEmbedding` modules, computed
 with the compiled CPU kernels; by default this happens for float32 models on the CPU when the kernels
 are available.
-Other types (Q5_*, Q2_K, Q3_K, ...) are always dequantised.
+Other types (Q2_K, Q3_K, IQ*, ...) are always dequantised.
 
 Rotary layout: llama.cpp's converter stores Q/K of ``llama`` models in Meta's interleaved-pair layout,
 which is ours, but leaves ``qwen2`` models (run with NEOX-style RoPE) in Hugging Face's rotate-half
@@ -154,7 +154,8 @@ def _to_torch(tensor: Any, dtype: torch.dtype, device: torch.device | str) -> to
 
 
 # GGUF block layouts kept quantised: (values per block, bytes per block).
-_BLOCK_BYTES = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34), "Q4_K": (256, 144), "Q6_K": (256, 210)}
+_BLOCK_BYTES = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
+                "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
 
 
 def _f16(raw: np.ndarray) -> torch.Tensor:
@@ -168,12 +169,23 @@ def _pack_nibbles(values: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(v[:, :, 0] | (v[:, :, 1] << 4)).reshape(values.shape[0], -1))
 
 
+def _bits(raw: np.ndarray, shifts: range) -> np.ndarray:
+    """Bit planes: ``raw [..., n]`` shifted right by each of ``shifts`` and masked to one bit, ``[..., len, n]``."""
+    return (raw[..., None, :] >> np.array(list(shifts), dtype=raw.dtype)[:, None]) & 1
+
+
+def _five_bit(low_nibbles: np.ndarray, high_bits: np.ndarray) -> np.ndarray:
+    """5-bit values ``low | high << 4`` as int8 (they fit), flattened per row."""
+    return (low_nibbles | (high_bits.astype(np.uint8) << 4)).astype(np.int8).reshape(low_nibbles.shape[0], -1)
+
+
 def _quantized_weight(tensor: Any, shape: tuple[int, int]) -> QuantizedWeight:
-    """The blocks of a Q4_0 / Q4_1 / Q4_K / Q8_0 / Q6_K GGUF tensor ``[N, K]`` as a `QuantizedWeight`.
+    """The blocks of a Q4_0/1, Q5_0/1, Q8_0, Q4_K, Q5_K or Q6_K GGUF tensor ``[N, K]`` as a `QuantizedWeight`.
 
     Every format becomes 4-bit or int8 values with float32 scales (and offsets) holding exactly the
-    values the `gguf` package decodes: Q4_0 stores ``q - 8`` (offset ``-8 d``); the K-quants' sub-block
-    scales (and Q4_K's minimums) multiply into float32 exactly; Q6_K's 6-bit ``q - 32`` fits int8.
+    values the `gguf` package decodes: Q4_0 stores ``q - 8`` (offset ``-8 d``), Q5_0 ``q - 16``; the
+    K-quants' sub-block scales and minimums multiply into float32 exactly; 5-bit values and Q6_K's
+    6-bit ``q - 32`` fit int8.
     """
     kind = tensor.tensor_type.name
     per_block, size = _BLOCK_BYTES[kind]
@@ -182,6 +194,24 @@ def _quantized_weight(tensor: Any, shape: tuple[int, int]) -> QuantizedWeight:
     if kind == "Q8_0":
         values = torch.from_numpy(np.ascontiguousarray(raw[..., 2:]).reshape(n, -1))
         return QuantizedWeight("q8", values.view(torch.int8), _f16(raw[..., 0:2]))
+    if kind in ("Q5_0", "Q5_1"):  # d (, m), 32 high bits as a little-endian uint32, 16 bytes of nibbles
+        start = 2 if kind == "Q5_0" else 4
+        high = _bits(np.ascontiguousarray(raw[..., start:start + 4]).view("<u4"), range(32))[..., 0]
+        nibbles = raw[..., start + 4:, None] >> np.array([0, 4], dtype=np.uint8)  # [..., 16, 2]
+        low = np.ascontiguousarray(nibbles.swapaxes(-1, -2)) & 0x0F  # elements 0-15 low, 16-31 high nibbles
+        q = _five_bit(low.reshape(n, -1, 32), high.reshape(n, -1, 32))
+        scales = _f16(raw[..., 0:2])
+        if kind == "Q5_0":
+            return QuantizedWeight("q8", torch.from_numpy(q - np.int8(16)), scales)
+        return QuantizedWeight("q8", torch.from_numpy(q), scales, _f16(raw[..., 2:4]))
+    if kind == "Q5_K":  # d, dmin, 12 bytes of 6-bit scales/minimums, 32 bytes of high bits, 128 of nibbles
+        sub_scales, sub_mins = gguf.quants.Q4_K.get_scale_min(raw[..., 4:16].reshape(-1, 12))
+        scales = _f16(raw[..., 0:2])[..., None] * torch.from_numpy(sub_scales.astype(np.float32)).view(n, -1, 8)
+        offsets = -(_f16(raw[..., 2:4])[..., None] * torch.from_numpy(sub_mins.astype(np.float32)).view(n, -1, 8))
+        low = (raw[..., 48:].reshape(n, -1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 1, 2, 1)) & 0x0F
+        high = _bits(raw[..., 16:48], range(8))  # [n, blocks, 8 sub-blocks, 32]
+        q = _five_bit(low.reshape(n, -1, 256), high.reshape(n, -1, 256))
+        return QuantizedWeight("q8", torch.from_numpy(q), scales.view(n, -1), offsets.view(n, -1))
     if kind == "Q6_K":  # 128 bytes of low 4 bits, 64 of high 2 bits, 16 int8 scales (one per 16), d
         low = raw[..., :128].reshape(n, -1, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 1, 2, 1)
         high = raw[..., 128:192].reshape(n, -1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 1, 4, 1)
@@ -232,7 +262,7 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, device: t
         path: the ``.gguf`` file.
         dtype: parameter dtype (tensors are dequantised and cast one at a time).
         device: where the parameters are created.
-        quantized: keep Q4_0 / Q4_1 / Q4_K / Q8_0 / Q6_K projection weights in their blocks (`QuantizedLinear`),
+        quantized: keep Q4_*, Q5_*, Q6_K and Q8_0 projection weights in their blocks (`QuantizedLinear`),
             computed by the compiled kernels: the same weights, several times less memory read per
             token. None (default): when ``dtype`` is float32, ``device`` the CPU and
             `kernels.available()`; False: dequantise everything to ``dtype``.
