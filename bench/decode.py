@@ -61,7 +61,8 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--model", type=Path, default=None, help="a LLaMA-family .gguf file (default: the embedded SmolLM2)")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="a LLaMA-family .gguf file (default: the embedded SmolLM2)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (on a GPU everything is dense)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--compile", action="store_true", help="torch.compile our decode step (GPU)")

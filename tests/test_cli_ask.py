@@ -1,10 +1,8 @@
 """`imagebind-llm ask` and `merge-delta` end to end, on the official small fixtures."""
 
 import json
-from pathlib import Path
 
 import pytest
-import torch
 
 from imagebind_llm.cli import main
 from imagebind_llm.llm.templates import alpaca_prompt

@@ -1,7 +1,6 @@
 """Building, saving and loading ImageBind-LLM models; the Open-Chinese-LLaMA delta merge."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -7,7 +7,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from imagebind_llm import preprocess
-from imagebind_llm.model.imagebind_llm import MODALITIES, MediaInputs, canonical_modality
+from imagebind_llm.model.imagebind_llm import MediaInputs, canonical_modality
 
 # Request modality -> loader of a list of sources (paths, bytes, file objects; text: strings).
 LOADERS: dict[str, Callable[[list[Any]], torch.Tensor]] = {

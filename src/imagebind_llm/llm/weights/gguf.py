@@ -153,9 +153,10 @@ def _to_torch(tensor: Any, dtype: torch.dtype, device: torch.device | str) -> to
     return torch.from_numpy(array).to(device=device, dtype=dtype)
 
 
-# GGUF block layouts kept quantised: (values per block, bytes per block).
-_BLOCK_BYTES = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
-                "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
+# Conversions from GGUF blocks to `QuantizedWeight`s. Each takes the raw bytes ``[N, blocks, bytes]``
+# and keeps exactly the values the `gguf` package decodes: Q4_0 and Q5_0 store ``q - 8`` / ``q - 16``;
+# K-quant sub-block scales and minimums multiply into float32 exactly; 5-bit values and Q6_K's
+# ``q - 32`` fit int8. Layouts are llama.cpp's (ggml-common.h); float16 scales lead each block.
 
 
 def _f16(raw: np.ndarray) -> torch.Tensor:
@@ -163,73 +164,91 @@ def _f16(raw: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(raw).view(np.float16)[..., 0].astype(np.float32))
 
 
-def _pack_nibbles(values: np.ndarray) -> torch.Tensor:
-    """``[N, K]`` 4-bit values to our ``[N, K/2]`` bytes: byte j of a 32-block holds elements j and j + 16."""
-    v = values.reshape(values.shape[0], -1, 2, 16)
-    return torch.from_numpy(np.ascontiguousarray(v[:, :, 0] | (v[:, :, 1] << 4)).reshape(values.shape[0], -1))
+def _shifted(raw: np.ndarray, shifts: list[int], mask: int) -> np.ndarray:
+    """``(raw >> s) & mask`` for each shift, as a new axis before the last: ``[..., len(shifts), n]``."""
+    return (raw[..., None, :] >> np.array(shifts, dtype=raw.dtype)[:, None]) & mask
 
 
-def _bits(raw: np.ndarray, shifts: range) -> np.ndarray:
-    """Bit planes: ``raw [..., n]`` shifted right by each of ``shifts`` and masked to one bit, ``[..., len, n]``."""
-    return (raw[..., None, :] >> np.array(list(shifts), dtype=raw.dtype)[:, None]) & 1
+def _rows(values: np.ndarray, n: int) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(values).reshape(n, -1))
 
 
-def _five_bit(low_nibbles: np.ndarray, high_bits: np.ndarray) -> np.ndarray:
-    """5-bit values ``low | high << 4`` as int8 (they fit), flattened per row."""
-    return (low_nibbles | (high_bits.astype(np.uint8) << 4)).astype(np.int8).reshape(low_nibbles.shape[0], -1)
+def _pack_nibbles(values: np.ndarray, n: int) -> torch.Tensor:
+    """4-bit values to our ``[N, K/2]`` bytes: byte j of a 32-block holds elements j (low) and j + 16 (high)."""
+    v = values.reshape(n, -1, 2, 16)
+    return _rows(v[:, :, 0] | (v[:, :, 1] << 4), n)
+
+
+def _k_scales(raw: np.ndarray, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K: per-32 scales ``d * sc`` and offsets ``-dmin * m`` from d, dmin and 12 bytes of 6-bit pairs."""
+    sub_scales, sub_mins = (torch.from_numpy(a.astype(np.float32)).view(n, -1, 8)
+                            for a in gguf.quants.Q4_K.get_scale_min(raw[..., 4:16].reshape(-1, 12)))
+    return ((_f16(raw[..., 0:2])[..., None] * sub_scales).view(n, -1),
+            (-(_f16(raw[..., 2:4])[..., None] * sub_mins)).view(n, -1))
+
+
+def _k_nibbles(runs: np.ndarray) -> np.ndarray:
+    """K-quant low nibbles: each 32-byte run holds sub-block 2c (low nibbles) then 2c + 1 (high)."""
+    return _shifted(runs.reshape(*runs.shape[:-1], -1, 32), [0, 4], 0x0F)
+
+
+def _q8_0(raw: np.ndarray, n: int) -> QuantizedWeight:  # d, 32 int8
+    return QuantizedWeight("q8", _rows(raw[..., 2:], n).view(torch.int8), _f16(raw[..., 0:2]))
+
+
+def _q4_0(raw: np.ndarray, n: int) -> QuantizedWeight:  # d, 16 bytes of nibbles (q - 8)
+    scales = _f16(raw[..., 0:2])
+    return QuantizedWeight("q4_1", _rows(raw[..., 2:], n), scales, -8 * scales)
+
+
+def _q4_1(raw: np.ndarray, n: int) -> QuantizedWeight:  # d, m, 16 bytes of nibbles
+    return QuantizedWeight("q4_1", _rows(raw[..., 4:], n), _f16(raw[..., 0:2]), _f16(raw[..., 2:4]))
+
+
+def _q5_values(raw: np.ndarray, n: int, start: int) -> np.ndarray:
+    """Q5_0 / Q5_1 values 0..31: a little-endian uint32 of high bits at ``start``, then 16 nibble bytes."""
+    high = _shifted(np.ascontiguousarray(raw[..., start:start + 4]).view("<u4"), list(range(32)), 1)[..., 0]
+    low = _shifted(raw[..., start + 4:], [0, 4], 0x0F)  # elements 0-15 low nibbles, 16-31 high
+    return (low.reshape(*high.shape) | (high.astype(np.uint8) << 4)).astype(np.int8).reshape(n, -1)
+
+
+def _q5_0(raw: np.ndarray, n: int) -> QuantizedWeight:
+    return QuantizedWeight("q8", torch.from_numpy(_q5_values(raw, n, 2) - np.int8(16)), _f16(raw[..., 0:2]))
+
+
+def _q5_1(raw: np.ndarray, n: int) -> QuantizedWeight:
+    return QuantizedWeight("q8", torch.from_numpy(_q5_values(raw, n, 4)), _f16(raw[..., 0:2]), _f16(raw[..., 2:4]))
+
+
+def _q4_k(raw: np.ndarray, n: int) -> QuantizedWeight:  # d, dmin, 12 scale bytes, 128 nibble bytes
+    return QuantizedWeight("q4_1", _pack_nibbles(_k_nibbles(raw[..., 16:]), n), *_k_scales(raw, n))
+
+
+def _q5_k(raw: np.ndarray, n: int) -> QuantizedWeight:  # d, dmin, 12 scale bytes, 32 high-bit bytes, 128 nibbles
+    high = _shifted(raw[..., 16:48], list(range(8)), 1)  # bit j of every byte: sub-block j
+    values = _k_nibbles(raw[..., 48:]).reshape(*high.shape) | (high << 4)
+    return QuantizedWeight("q8", _rows(values.astype(np.int8), n), *_k_scales(raw, n))
+
+
+def _q6_k(raw: np.ndarray, n: int) -> QuantizedWeight:  # 128 low-nibble bytes, 64 high-2-bit bytes, 16 int8 scales, d
+    low = _shifted(raw[..., :128].reshape(n, -1, 2, 64), [0, 4], 0x0F)  # [n, blocks, 2, 2, 64]
+    high = _shifted(raw[..., 128:192].reshape(n, -1, 2, 32), [0, 2, 4, 6], 0x03)  # [n, blocks, 2, 4, 32]
+    values = (low.reshape(n, -1, 256) | (high.reshape(n, -1, 256) << 4)).astype(np.int8) - np.int8(32)
+    sub_scales = torch.from_numpy(np.ascontiguousarray(raw[..., 192:208]).view(np.int8).astype(np.float32))
+    return QuantizedWeight("q8", _rows(values, n), (_f16(raw[..., 208:210])[..., None] * sub_scales).view(n, -1))
+
+
+# GGUF type -> (values per block, bytes per block, conversion).
+_KEPT_TYPES = {"Q4_0": (32, 18, _q4_0), "Q4_1": (32, 20, _q4_1), "Q5_0": (32, 22, _q5_0), "Q5_1": (32, 24, _q5_1),
+               "Q8_0": (32, 34, _q8_0), "Q4_K": (256, 144, _q4_k), "Q5_K": (256, 176, _q5_k),
+               "Q6_K": (256, 210, _q6_k)}
 
 
 def _quantized_weight(tensor: Any, shape: tuple[int, int]) -> QuantizedWeight:
-    """The blocks of a Q4_0/1, Q5_0/1, Q8_0, Q4_K, Q5_K or Q6_K GGUF tensor ``[N, K]`` as a `QuantizedWeight`.
-
-    Every format becomes 4-bit or int8 values with float32 scales (and offsets) holding exactly the
-    values the `gguf` package decodes: Q4_0 stores ``q - 8`` (offset ``-8 d``), Q5_0 ``q - 16``; the
-    K-quants' sub-block scales and minimums multiply into float32 exactly; 5-bit values and Q6_K's
-    6-bit ``q - 32`` fit int8.
-    """
-    kind = tensor.tensor_type.name
-    per_block, size = _BLOCK_BYTES[kind]
+    """The blocks of a GGUF tensor ``[N, K]`` of one of `_KEPT_TYPES` as a `QuantizedWeight`."""
+    per_block, size, convert = _KEPT_TYPES[tensor.tensor_type.name]
     raw = np.asarray(tensor.data).view(np.uint8).reshape(shape[0], shape[1] // per_block, size)
-    n = shape[0]
-    if kind == "Q8_0":
-        values = torch.from_numpy(np.ascontiguousarray(raw[..., 2:]).reshape(n, -1))
-        return QuantizedWeight("q8", values.view(torch.int8), _f16(raw[..., 0:2]))
-    if kind in ("Q5_0", "Q5_1"):  # d (, m), 32 high bits as a little-endian uint32, 16 bytes of nibbles
-        start = 2 if kind == "Q5_0" else 4
-        high = _bits(np.ascontiguousarray(raw[..., start:start + 4]).view("<u4"), range(32))[..., 0]
-        nibbles = raw[..., start + 4:, None] >> np.array([0, 4], dtype=np.uint8)  # [..., 16, 2]
-        low = np.ascontiguousarray(nibbles.swapaxes(-1, -2)) & 0x0F  # elements 0-15 low, 16-31 high nibbles
-        q = _five_bit(low.reshape(n, -1, 32), high.reshape(n, -1, 32))
-        scales = _f16(raw[..., 0:2])
-        if kind == "Q5_0":
-            return QuantizedWeight("q8", torch.from_numpy(q - np.int8(16)), scales)
-        return QuantizedWeight("q8", torch.from_numpy(q), scales, _f16(raw[..., 2:4]))
-    if kind == "Q5_K":  # d, dmin, 12 bytes of 6-bit scales/minimums, 32 bytes of high bits, 128 of nibbles
-        sub_scales, sub_mins = gguf.quants.Q4_K.get_scale_min(raw[..., 4:16].reshape(-1, 12))
-        scales = _f16(raw[..., 0:2])[..., None] * torch.from_numpy(sub_scales.astype(np.float32)).view(n, -1, 8)
-        offsets = -(_f16(raw[..., 2:4])[..., None] * torch.from_numpy(sub_mins.astype(np.float32)).view(n, -1, 8))
-        low = (raw[..., 48:].reshape(n, -1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 1, 2, 1)) & 0x0F
-        high = _bits(raw[..., 16:48], range(8))  # [n, blocks, 8 sub-blocks, 32]
-        q = _five_bit(low.reshape(n, -1, 256), high.reshape(n, -1, 256))
-        return QuantizedWeight("q8", torch.from_numpy(q), scales.view(n, -1), offsets.view(n, -1))
-    if kind == "Q6_K":  # 128 bytes of low 4 bits, 64 of high 2 bits, 16 int8 scales (one per 16), d
-        low = raw[..., :128].reshape(n, -1, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 1, 2, 1)
-        high = raw[..., 128:192].reshape(n, -1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 1, 4, 1)
-        q = ((low & 0x0F).reshape(n, -1, 256) | ((high & 0x03).reshape(n, -1, 256) << 4)).astype(np.int8) - np.int8(32)
-        sub_scales = torch.from_numpy(np.ascontiguousarray(raw[..., 192:208]).view(np.int8).astype(np.float32))
-        return QuantizedWeight("q8", torch.from_numpy(q.reshape(n, -1)), (_f16(raw[..., 208:210])[..., None] * sub_scales).view(n, -1))
-    if kind in ("Q4_0", "Q4_1"):
-        scales = _f16(raw[..., 0:2])
-        offsets = _f16(raw[..., 2:4]) if kind == "Q4_1" else -8 * scales
-        return QuantizedWeight("q4_1", torch.from_numpy(np.ascontiguousarray(raw[..., size - 16:]).reshape(n, -1)),
-                               scales, offsets)
-    # Q4_K: 256-value super-blocks of d, dmin (float16), 12 bytes of 6-bit scales/minimums for 8 sub-blocks
-    # of 32, then 128 bytes in which each 32-byte run holds sub-block 2c (low nibbles) and 2c + 1 (high).
-    sub_scales, sub_mins = gguf.quants.Q4_K.get_scale_min(raw[..., 4:16].reshape(-1, 12))
-    scales = _f16(raw[..., 0:2])[..., None] * torch.from_numpy(sub_scales.astype(np.float32)).view(n, -1, 8)
-    offsets = -(_f16(raw[..., 2:4])[..., None] * torch.from_numpy(sub_mins.astype(np.float32)).view(n, -1, 8))
-    runs = raw[..., 16:].reshape(n, -1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 1, 2, 1)
-    return QuantizedWeight("q4_1", _pack_nibbles((runs & 0x0F).reshape(n, -1)), scales.view(n, -1), offsets.view(n, -1))
+    return convert(raw, shape[0])
 
 
 def _install_quantized(model: Transformer, packed: dict[str, QuantizedWeight]) -> None:
@@ -250,7 +269,7 @@ def _quantized_modules(model: Transformer) -> set[str]:
 
 
 def _keeps_quantized(key: str, tensor: Any) -> bool:
-    return tensor.tensor_type.name in _BLOCK_BYTES and (
+    return tensor.tensor_type.name in _KEPT_TYPES and (
         key == "tok_embeddings.weight" or (key.endswith(".weight") and "norm" not in key))
 
 
