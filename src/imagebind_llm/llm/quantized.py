@@ -1,4 +1,4 @@
-"""Frozen projections whose weights stay in GGUF's quantised blocks (Q4_0, Q4_1, Q4_K, Q8_0, Q6_K).
+"""Frozen projections whose weights stay in GGUF's quantised blocks (the Q4, Q5, Q6_K and Q8_0 types).
 
 A GGUF file's quantised tensors *are* the model's weights; expanding them to float32 only makes every
 decode step read 7x (Q4) or 4x (Q8) more memory. `QuantizedLinear` keeps the blocks and computes

@@ -96,8 +96,9 @@ def base_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _add_zero_bias(linear: nn.Linear | QuantizedLinear) -> None:
     if linear.bias is None:
-        like = linear.weight if isinstance(linear, nn.Linear) else torch.empty(0, device=linear.quantized.blocks.device)
-        linear.bias = nn.Parameter(torch.zeros(linear.out_features, device=like.device, dtype=like.dtype))
+        device, dtype = ((linear.weight.device, linear.weight.dtype) if isinstance(linear, nn.Linear)
+                         else (linear.quantized.blocks.device, torch.float32))
+        linear.bias = nn.Parameter(torch.zeros(linear.out_features, device=device, dtype=dtype))
 
 
 def add_finetune_modules(llm: Transformer, rank: int = 16) -> None:
