@@ -26,12 +26,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from imagebind_llm.download import default_cache_dir
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("quant_matmul.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 DISABLE_ENV = "IMAGEBIND_LLM_KERNELS"
-CACHE_ENV = "IMAGEBIND_LLM_CACHE"
 BLOCK = 32
 
 _P, _N = ctypes.c_void_p, ctypes.c_int64
@@ -45,11 +46,6 @@ _SIGNATURES = {
 
 class KernelsUnavailable(RuntimeError):
     """The compiled kernels cannot be used on this machine (see the message for why)."""
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "imagebind_llm"
-    return Path(root).expanduser() / "kernels"
 
 
 def _build(compiler: str, target: Path) -> None:
@@ -72,7 +68,7 @@ def _build_and_load() -> ctypes.CDLL:
     if shutil.which(compiler) is None:
         raise KernelsUnavailable(f"no C compiler {compiler!r} on PATH (install gcc, or set CC)")
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"quant_matmul-{digest}.so"
+    target = default_cache_dir() / "kernels" / f"quant_matmul-{digest}.so"
     if not target.exists():
         log.info("compiling %s -> %s", SOURCE.name, target)
         _build(compiler, target)
