@@ -1,4 +1,4 @@
-"""Quantised projections and the compiled Q4_1/Q8_0 kernels against float64 products of the same weights."""
+"""Quantised projections and the compiled q4_1/q8 kernels against float64 products of the same weights."""
 
 from __future__ import annotations
 

@@ -75,7 +75,8 @@ class QuantizedWeight(nn.Module):
         self.register_buffer("blocks", blocks.contiguous())
         self.register_buffer("scale_bits", _bits(scales))
         self.register_buffer("offset_bits", None if offsets is None else _bits(offsets))
-        self._kernel_key: tuple | None = None
+        self._kernel_key: tuple | None = None  # the buffers `_kernel_call` was made for
+        self._kernel_call = None
 
     @property
     def scales(self) -> Tensor:

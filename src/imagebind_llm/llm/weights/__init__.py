@@ -118,7 +118,7 @@ def load_llm(path: str | Path | None = None, *, dtype: torch.dtype = torch.float
         path: a ``.gguf`` file, a Hugging Face or a Meta directory; None for the embedded SmolLM2.
         dtype: parameter dtype (quantised GGUF tensors are dequantised to it unless kept quantised).
         device: where the parameters live.
-        quantized: GGUF only: keep Q4_0/Q4_1/Q8_0 projections in their blocks (see `load_gguf`;
+        quantized: GGUF only: keep Q4_*, Q5_*, Q6_K and Q8_0 projections in their blocks (see `load_gguf`;
             None: when float32 on the CPU with the kernels available).
 
     Raises:

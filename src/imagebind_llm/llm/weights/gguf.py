@@ -6,9 +6,9 @@ dtype and device and assign it into a model built on the ``meta`` device, so the
 twice in memory.
 
 Quantised projections: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K weights of the linear layers
-(and the token embedding) can stay in their blocks as `QuantizedLinear` / `QuantizedEmbedding` modules, computed
-with the compiled CPU kernels; by default this happens for float32 models on the CPU when the kernels
-are available.
+(and the token embedding) can stay in their blocks as `QuantizedLinear` / `QuantizedEmbedding`
+modules, computed with the compiled CPU kernels; by default this happens for float32 models on the
+CPU when the kernels are available.
 Other types (Q2_K, Q3_K, IQ*, ...) are always dequantised.
 
 Rotary layout: llama.cpp's converter stores Q/K of ``llama`` models in Meta's interleaved-pair layout,
