@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from imagebind_llm import download
-from imagebind_llm.download import REGISTRY, ChecksumError, DownloadError, fetch, format_weights_table, list_weights
+from imagebind_llm import hub
+from imagebind_llm.hub import REGISTRY, ChecksumError, DownloadError, fetch, format_weights_table, list_weights
 
 PAYLOAD = bytes(range(256)) * 4096 + b"tail"  # 1 MiB + 4 bytes: more than one chunk
 SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -125,9 +125,9 @@ def test_local_paths(tmp_path):
 
 
 def test_registry_name_uses_cache_env(server, tmp_path, monkeypatch):
-    monkeypatch.setenv(download.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(hub.CACHE_ENV, str(tmp_path))
     monkeypatch.setitem(REGISTRY, "imagebind_w3D.pth",
-                        download.WeightFile("imagebind_w3D.pth", server.url, "test", sha256=SHA))
+                        hub.WeightFile("imagebind_w3D.pth", server.url, "test", sha256=SHA))
     path = fetch("imagebind_w3D.pth", progress=False)
     assert path == tmp_path / "imagebind_w3D.pth" and path.read_bytes() == PAYLOAD
     assert "imagebind_w3D.pth" in format_weights_table() and str(tmp_path) in format_weights_table()
@@ -136,7 +136,7 @@ def test_registry_name_uses_cache_env(server, tmp_path, monkeypatch):
 def test_registry_lists_official_files():
     names = {f.name for f in list_weights()}
     assert names == {"imagebind_huge.pth", "imagebind_w3D.pth", "7B.pth", "7B-pretrained.pth", "7B-beta.pth",
-                     "knn.index"}
+                     "7B_chinese_delta.pth", "7B_chinese_params.json", "knn.index"}
     assert REGISTRY["imagebind_huge.pth"].url == "https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth"
     assert "e9206a10f118b0790c730264e7b3aa5c324c35cb" in REGISTRY["imagebind_w3D.pth"].url
     # No official file has a published hash: none may be invented.

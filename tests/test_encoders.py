@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from imagebind_llm.encoders import ImageBind, ImageBindConfig, load_official, official_shapes, to_official
-from imagebind_llm.encoders.checkpoint import read_state_dict
+from imagebind_llm.hub import read_state_dict
 from imagebind_llm.encoders.layers import Attention
 
 FIX = Path(__file__).parent / "fixtures" / "imagebind"

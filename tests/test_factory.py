@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from imagebind_llm.model.checkpoint import CheckpointMismatchError
+from imagebind_llm.model.convert import CheckpointMismatchError
 from imagebind_llm.model.factory import BASE_MARKER, from_official, load_pretrained, merge_delta, save_pretrained
 from test_model import ADAPTER, INPUTS, IO, small_encoder
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from imagebind_llm.encoders import ImageBind, ImageBindConfig
-from imagebind_llm.encoders.checkpoint import read_state_dict
+from imagebind_llm.hub import read_state_dict
 from imagebind_llm.preprocess import load_audio, load_images, load_video, tokenize
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -12,7 +12,7 @@ from imagebind_llm.llm.model import Transformer
 from imagebind_llm.llm.tokenizer import load_tokenizer
 from imagebind_llm.llm.weights.common import build_model
 from imagebind_llm.llm.weights.meta import load_meta_state_dict
-from imagebind_llm.model.checkpoint import CheckpointMismatchError
+from imagebind_llm.model.convert import CheckpointMismatchError
 from imagebind_llm.model.imagebind_llm import (
     AdapterConfig, ImageBindLLM, UnknownModalityError, official_names, set_trainable,
 )

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from imagebind_llm.encoders import ImageBind, ImageBindConfig, farthest_point_sample, knn_group
-from imagebind_llm.encoders.checkpoint import read_state_dict
+from imagebind_llm.hub import read_state_dict
 
 FIX = Path(__file__).parent / "fixtures" / "point"
 

@@ -17,7 +17,7 @@ import torch
 
 from imagebind_llm import __version__
 from imagebind_llm.cache.cli import add_cache_subcommands
-from imagebind_llm.download import DownloadError, fetch, format_weights_table
+from imagebind_llm.hub import DownloadError, fetch, format_weights_table
 from imagebind_llm.train.cli import add_train_subcommands
 
 EXIT_USER_ERROR = 1

@@ -36,7 +36,7 @@ from imagebind_llm.cache.feature_cache import (
     resolve_keep_vectors,
     write_npy,
 )
-from imagebind_llm.download import sha256_file
+from imagebind_llm.hub import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from imagebind_llm.cache import index as index_lib
-from imagebind_llm.download import sha256_file
+from imagebind_llm.hub import sha256_file
 from imagebind_llm.model.retrieval import blend_neighbours
 
 log = logging.getLogger(__name__)

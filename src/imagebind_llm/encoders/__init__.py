@@ -19,15 +19,15 @@ Outputs: L2-normalised and scaled per modality (vision 1, text learned <= 100, a
 thermal 10, imu 5, point 1). Bad inputs raise ``ValueError`` naming the modality and expected shape.
 The model is built in eval mode and must stay there for inference (no DropPath/Dropout).
 
-Checkpoint names: ``checkpoint.official_key``, ``official_shapes``, ``to_official``, ``from_official``.
+Checkpoint names: ``convert.official_key``, ``official_shapes``, ``to_official``, ``from_official``.
 """
 
-from .checkpoint import from_official, official_shapes, read_state_dict, to_official
+from .convert import from_official, official_shapes, to_official
 from .config import MODALITIES, ImageBindConfig
 from .imagebind import ImageBind, load_official
 from .point_bert import PointBERT, farthest_point_sample, knn_group
 
 __all__ = [
     "MODALITIES", "ImageBind", "ImageBindConfig", "PointBERT", "farthest_point_sample", "from_official",
-    "knn_group", "load_official", "official_shapes", "read_state_dict", "to_official",
+    "knn_group", "load_official", "official_shapes", "to_official",
 ]

@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import from_official, has_point_branch, read_state_dict
+from imagebind_llm.hub import read_state_dict
+
+from .convert import from_official, has_point_branch
 from .config import (
     IMAGE_SIZE, IMU_CHANNELS, IMU_LENGTH, LOGIT_SCALE_INIT, MAX_LOGIT_SCALE, TEXT_CONTEXT, TEXT_VOCAB,
     ImageBindConfig,
@@ -316,7 +318,7 @@ class ImageBind(nn.Module):
         Raises:
             ValueError: on missing or unexpected keys (strict) or shape mismatches, naming them.
         """
-        state = read_state_dict(source) if isinstance(source, (str, Path)) else source
+        state = read_state_dict(source, what="ImageBind checkpoint") if isinstance(source, (str, Path)) else source
         ours = from_official(state, self, strict=strict)
         current = self.state_dict(keep_vars=True)
         converted = {}
@@ -349,7 +351,7 @@ def load_official(source: str | Path | Mapping[str, torch.Tensor],
             (optionally wrapped as ``{"ImageBindModel_kwargs": {...}}``), whose ``with_point`` defaults
             to whether the checkpoint has a point branch; None: ``ImageBindConfig.huge()``, likewise.
     """
-    state = read_state_dict(source) if isinstance(source, (str, Path)) else source
+    state = read_state_dict(source, what="ImageBind checkpoint") if isinstance(source, (str, Path)) else source
     if not isinstance(config, ImageBindConfig):
         fields = json.loads(Path(config).read_text()) if isinstance(config, (str, Path)) else dict(config or {})
         fields = {"with_point": has_point_branch(state), **fields.get("ImageBindModel_kwargs", fields)}

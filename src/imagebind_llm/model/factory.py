@@ -19,7 +19,7 @@ from imagebind_llm.llm.config import LLMConfig
 from imagebind_llm.llm.tokenizer import load_tokenizer
 from imagebind_llm.llm.weights import load_llm
 from imagebind_llm.llm.weights.meta import meta_shards
-from imagebind_llm.model.checkpoint import CheckpointMismatchError, is_legacy_bind, read_adapter_file
+from imagebind_llm.model.convert import CheckpointMismatchError, is_legacy_bind, read_adapter_file
 from imagebind_llm.model.imagebind_llm import AdapterConfig, ImageBindLLM
 
 logger = logging.getLogger(__name__)

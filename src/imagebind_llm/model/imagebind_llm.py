@@ -25,12 +25,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from imagebind_llm.encoders.checkpoint import official_key as official_encoder_key
+from imagebind_llm.encoders.convert import official_key as official_encoder_key
 from imagebind_llm.llm.generate import Completion, generate, stream
 from imagebind_llm.llm.model import RMSNorm, Transformer
 from imagebind_llm.llm.templates import alpaca_prompt
 from imagebind_llm.model.bind import BindNetwork
-from imagebind_llm.model.checkpoint import (
+from imagebind_llm.model.convert import (
     CheckpointMismatchError, gate_to_official, is_legacy_bind, official_to_ours, ours_to_official, read_adapter_file,
 )
 from imagebind_llm.model.lora import LoRALinear, add_finetune_modules, base_linear

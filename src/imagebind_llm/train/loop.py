@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
 
 from imagebind_llm.encoders import load_official as load_official_encoder
-from imagebind_llm.model.checkpoint import CheckpointMismatchError, read_adapter_file
+from imagebind_llm.model.convert import CheckpointMismatchError, read_adapter_file
 from imagebind_llm.model.factory import from_official
 from imagebind_llm.model.imagebind_llm import ImageBindLLM
 from imagebind_llm.train import distributed

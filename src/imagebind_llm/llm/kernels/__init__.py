@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from imagebind_llm.download import default_cache_dir
+from imagebind_llm.hub import default_cache_dir
 
 log = logging.getLogger(__name__)
 

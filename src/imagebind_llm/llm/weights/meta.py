@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from imagebind_llm.hub import StateDictError, read_state_dict
 
 from ..config import LLMConfig
 from .common import CheckpointMismatchError, WeightsFormatError, check_complete, check_shape, expected_shapes
@@ -112,13 +113,9 @@ def _merge(key: str, parts: list[torch.Tensor], source: Path) -> torch.Tensor:
 
 def _load_shard(file: Path) -> dict[str, torch.Tensor]:
     try:
-        shard = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
-        raise WeightsFormatError(f"{file} is not a readable PyTorch checkpoint of tensors ({str(e).splitlines()[0]}); "
-                                 "re-save it with torch.save(state_dict, path)") from e
-    if not isinstance(shard, dict):
-        raise WeightsFormatError(f"{file} holds a {type(shard).__name__}, not a state dict of tensors")
-    return shard
+        return read_state_dict(file, what="Meta checkpoint shard", unwrap=False)
+    except StateDictError as e:
+        raise WeightsFormatError(f"{e}; re-save it with torch.save(state_dict, path)") from e
 
 
 def load_meta_state_dict(path: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",

@@ -23,6 +23,7 @@ from typing import Mapping
 
 import torch
 
+from imagebind_llm.hub import read_state_dict
 from imagebind_llm.llm.weights.common import CheckpointMismatchError
 
 _BIND_RULES = [
@@ -83,18 +84,7 @@ def gate_to_official(gate: torch.Tensor) -> torch.Tensor:
 
 def read_adapter_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read an official adapter file ``{'model': state_dict}`` (or a bare state dict) safely."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"adapter checkpoint {path} does not exist; download it with "
-                                f"`imagebind-llm weights fetch 7B.pth` or pass the path of a local copy")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # torch raises many types for corrupt files
-        raise CheckpointMismatchError(f"cannot read adapter checkpoint {path}: {exc}") from exc
-    state = obj.get("model", obj) if isinstance(obj, Mapping) else None
-    if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
-        raise CheckpointMismatchError(f"{path} is not an ImageBind-LLM adapter file: expected {{'model': state_dict}}")
-    return dict(state)
+    return read_state_dict(path, what="adapter checkpoint")
 
 
 def is_legacy_bind(official_state: Mapping[str, torch.Tensor]) -> bool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -74,30 +73,6 @@ def official_shapes(model: nn.Module) -> dict[str, list[int]]:
 
 def has_point_branch(state: Mapping[str, torch.Tensor]) -> bool:
     return any(k.startswith("point_trunk.") for k in state)
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a ``.pth``/``.pt`` (memory-mapped, ``weights_only``) or ``.safetensors`` state dict.
-
-    A ``{'model': state_dict}`` wrapper is unwrapped.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path} (fetch it with `imagebind-llm weights fetch`)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path), device="cpu")
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, Mapping) and len(state) == 1 and isinstance(state.get("model"), Mapping):
-        state = state["model"]
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
-    return dict(state)
 
 
 def from_official(state: Mapping[str, torch.Tensor], model: nn.Module, *, strict: bool = True

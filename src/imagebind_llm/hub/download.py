@@ -1,4 +1,4 @@
-"""Registry of the official ImageBind / ImageBind-LLM files and a resumable, checksummed downloader.
+"""A resumable, checksummed downloader for the files of the registry (`imagebind_llm.hub.registry`).
 
 ``fetch(name_or_url_or_path)`` resolves, in order: an existing local path (returned as is), a
 registry name or a URL (downloaded once into the cache folder and reused). Downloads stream into
@@ -18,58 +18,15 @@ import logging
 import os
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
+
+from imagebind_llm.hub.registry import REGISTRY, list_weights
 
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "IMAGEBIND_LLM_CACHE"
 CHUNK = 1 << 20
-
-
-@dataclass(frozen=True)
-class WeightFile:
-    """One downloadable file.
-
-    Attributes:
-        name: registry name and file name in the cache.
-        url: source URL.
-        description: what the file is and what loads it.
-        approx_size: size in bytes as listed by the host (rounded; for display, never verified).
-        size: exact size in bytes when known (verified).
-        sha256: hex digest when known (verified); ``None`` means not published anywhere we could read.
-    """
-
-    name: str
-    url: str
-    description: str
-    approx_size: int | None = None
-    size: int | None = None
-    sha256: str | None = None
-
-
-_HF_IBLLM = "https://huggingface.co/Cxxs/ImageBind-LLM/resolve/main"
-REGISTRY: dict[str, WeightFile] = {f.name: f for f in (
-    WeightFile("imagebind_huge.pth", "https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth",
-               "Meta's ImageBind-huge encoder (no point branch); ImageBindConfig.huge(with_point=False)",
-               approx_size=4_800_000_000),
-    WeightFile("imagebind_w3D.pth",
-               "https://huggingface.co/ZiyuG/ImageBind_w3D/resolve/e9206a10f118b0790c730264e7b3aa5c324c35cb/"
-               "imagebind_w3D.pth",
-               "ImageBind-LLM's encoder: ImageBind-huge + Point-BERT branch; ImageBindConfig.huge()",
-               approx_size=4_890_000_000),
-    WeightFile("7B.pth", f"{_HF_IBLLM}/7B.pth",
-               "ImageBind-LLM adapter after stage 2 (bind network, prefix, gates, norms, bias/LoRA)",
-               approx_size=2_600_000_000),
-    WeightFile("7B-pretrained.pth", f"{_HF_IBLLM}/7B-pretrained.pth",
-               "ImageBind-LLM adapter after stage 1 (bind network, prefix, gates)", approx_size=2_430_000_000),
-    WeightFile("7B-beta.pth", f"{_HF_IBLLM}/7B-beta.pth",
-               "legacy ImageBind-LLM adapter (LayerNorm + bias bind network)", approx_size=2_600_000_000),
-    WeightFile("knn.index", "https://huggingface.co/csuhan/knn/resolve/main/knn.index",
-               "FAISS flat inner-product index of ~3.2M CC3M ImageBind image embeddings (retrieval cache)",
-               approx_size=13_300_000_000),
-)}
 
 
 class DownloadError(RuntimeError):
@@ -78,11 +35,6 @@ class DownloadError(RuntimeError):
 
 class ChecksumError(ValueError):
     """A downloaded or cached file does not have the expected SHA-256 or size."""
-
-
-def list_weights() -> list[WeightFile]:
-    """All registry entries, in registry order."""
-    return list(REGISTRY.values())
 
 
 def default_cache_dir() -> Path:
