@@ -5,24 +5,40 @@ import json
 import pytest
 import torch
 
-from imagebind_llm.model.convert import CheckpointMismatchError
-from imagebind_llm.model.factory import BASE_MARKER, from_official, load_pretrained, merge_delta, save_pretrained
-from test_model import ADAPTER, INPUTS, IO, small_encoder
+import imagebind_llm as ibl
+from imagebind_llm.hub import MODELS
+from imagebind_llm.model.config import ModelSpec
+from imagebind_llm.model.convert import CheckpointMismatchError, official_adapter_state_dict
+from imagebind_llm.model.factory import (
+    BASE_MARKER, create_model, load_adapter_tensors, load_pretrained, merge_delta, save_pretrained,
+)
+from test_model import ADAPTER, FIXTURES, INPUTS, IO
+
+SMALL = ModelSpec(llm=ADAPTER / "llama" / "base", adapter=ADAPTER / "adapter_finetune.pth",
+                  imagebind=FIXTURES / "imagebind" / "imagebind_small.pth",
+                  imagebind_config=FIXTURES / "imagebind" / "imagebind_small.json")
 
 
 @pytest.fixture(scope="module")
 def released():
-    return from_official(ADAPTER / "llama" / "base", ADAPTER / "adapter_finetune.pth", small_encoder())
+    return create_model(SMALL)
 
 
-def test_classmethod_takes_the_official_argument_order(released):
-    from imagebind_llm.model.imagebind_llm import ImageBindLLM
-
-    model = ImageBindLLM.from_official(ADAPTER / "llama" / "base", ADAPTER / "llama" / "tokenizer.model",
-                                       ADAPTER / "adapter_finetune.pth", released.encoder, phase="finetune")
+def test_spec_fields_override_and_the_tokenizer_path_gives_the_same_model(released):
+    model = ibl.create_model(SMALL, tokenizer=ADAPTER / "llama" / "tokenizer.model")
     tokens = torch.tensor([IO["results"]["finetune"]["prompt_ids"].tolist()])
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), released(tokens), atol=0, rtol=0)
+
+
+def test_named_models_resolve_their_parts_and_explain_what_is_missing():
+    assert MODELS["imagebind-llm-7b"].adapter == "7B.pth" and MODELS["imagebind-llm-7b"].imagebind == "imagebind_w3D.pth"
+    with pytest.raises(ValueError, match="cannot be downloaded: pass its folder"):
+        create_model("imagebind-llm-7b")
+    with pytest.raises(ValueError, match="unknown model 'nope'.*imagebind-llm-7b"):
+        create_model("nope")
+    demo = create_model("demo", max_seq_len=64)
+    assert demo.encoder is not None and not any(g.any() for g in demo.gates)  # the blind demo: zero gates
 
 
 def test_from_official_reproduces_the_official_greedy_answer(released):
@@ -37,7 +53,7 @@ def test_save_and_load_pretrained_round_trip(released, tmp_path):
     save_pretrained(released, tmp_path / "ckpt")
     saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert saved["adapter"]["phase"] == "finetune" and saved["llm"]["dim"] == 64
-    again = load_pretrained(tmp_path / "ckpt", ADAPTER / "llama" / "base", released.encoder)
+    again = create_model(SMALL.replace(adapter=tmp_path / "ckpt"))
     tokens = torch.tensor([IO["results"]["finetune"]["prompt_ids"].tolist()])
     with torch.no_grad():
         visual = released.encode_inputs({"image": (INPUTS["vision"], 1)})
@@ -50,7 +66,7 @@ def test_load_pretrained_refuses_another_base(released, tmp_path):
     config["llm"]["dim"] = 128
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointMismatchError, match="dim=128"):
-        load_pretrained(tmp_path / "ckpt", ADAPTER / "llama" / "base", released.encoder)
+        load_pretrained(tmp_path / "ckpt", ADAPTER / "llama" / "base")
 
 
 def test_merge_delta_adds_in_float_and_stores_half(tmp_path):
@@ -78,28 +94,29 @@ def test_hf_base_gives_the_same_model_as_meta(released, tmp_path):
     config, state = load_meta_state_dict(ADAPTER / "llama" / "base")
     save_hf(hf_dir, state, config)
     (hf_dir / "tokenizer.model").write_bytes((ADAPTER / "llama" / "tokenizer.model").read_bytes())
-    base = from_official(ADAPTER / "llama" / "base", None, released.encoder, phase="pretrain")
-    from_hf = from_official(hf_dir, None, released.encoder, phase="pretrain")
+    base = create_model(SMALL.replace(adapter=None, phase="pretrain"))
+    from_hf = create_model(SMALL.replace(llm=hf_dir, adapter=None, phase="pretrain"))
     tokens = torch.tensor([IO["results"]["finetune"]["prompt_ids"].tolist()])
     with torch.no_grad():
         torch.testing.assert_close(from_hf(tokens), base(tokens), atol=1e-5, rtol=1e-5)
 
 
-def test_legacy_bind_network_adapter_round_trips(released):
+def test_legacy_bind_network_adapter_round_trips(released, tmp_path):
     from imagebind_llm.model.imagebind_llm import AdapterConfig, ImageBindLLM
     from imagebind_llm.llm.model import Transformer
 
     torch.manual_seed(0)
     legacy = ImageBindLLM(Transformer(released.llm.config), None, AdapterConfig(feature_dim=32, legacy_bind=True))
-    exported = legacy.official_adapter_state_dict()
+    exported = official_adapter_state_dict(legacy)
     assert "image_bind_norm_1.bias" in exported and "image_bind_f1_1.bias" in exported
-    again = from_official(ADAPTER / "llama" / "base", exported, None)
+    torch.save({"model": exported}, tmp_path / "legacy.pth")
+    again = create_model(ModelSpec(llm=ADAPTER / "llama" / "base", adapter=tmp_path / "legacy.pth"))
     assert again.config.legacy_bind
     features = torch.randn(2, 1, 32)
     with torch.no_grad():
         torch.testing.assert_close(again.bind(features), legacy.bind(features), atol=0, rtol=0)
     with pytest.raises(CheckpointMismatchError, match="legacy_bind=True"):
-        released.load_adapter(exported)
+        load_adapter_tensors(released, exported)
 
 
 def test_stream_pieces_concatenate_to_the_generated_text(released):

@@ -10,7 +10,7 @@ from torch import nn
 from imagebind_llm.llm.config import LLMConfig
 from imagebind_llm.llm.model import Transformer
 from imagebind_llm.llm.quantized import QuantizedLinear, QuantizedWeight
-from imagebind_llm.model.lora import (ATTENTION_PROJECTIONS, FFN_PROJECTIONS, LoRALinear, add_finetune_modules,
+from imagebind_llm.model.peft import (ATTENTION_PROJECTIONS, FFN_PROJECTIONS, LoRALinear, add_finetune_modules,
                                      merge_lora)
 
 CONFIG = LLMConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, max_seq_len=64)

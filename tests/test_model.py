@@ -12,11 +12,16 @@ from imagebind_llm.llm.model import Transformer
 from imagebind_llm.llm.tokenizer import load_tokenizer
 from imagebind_llm.llm.weights.common import build_model
 from imagebind_llm.llm.weights.meta import load_meta_state_dict
-from imagebind_llm.model.convert import CheckpointMismatchError
-from imagebind_llm.model.imagebind_llm import (
-    AdapterConfig, ImageBindLLM, UnknownModalityError, official_names, set_trainable,
-)
-from imagebind_llm.model.retrieval import ExactBank
+from functools import partial
+
+from imagebind_llm.cache.blend import BlendOptions, ExactBank
+from imagebind_llm.model.config import AdapterConfig
+from imagebind_llm.model.convert import CheckpointMismatchError, official_adapter_state_dict, official_names, read_adapter_file
+from imagebind_llm.model.factory import load_adapter_tensors
+from imagebind_llm.model.imagebind_llm import ImageBindLLM
+from imagebind_llm.model.media import UnknownModalityError
+from imagebind_llm.model.peft import set_trainable
+from imagebind_llm.train.loop import lm_loss
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ADAPTER = FIXTURES / "adapter"
@@ -35,7 +40,7 @@ def official_model(phase: str, encoder: ImageBind) -> ImageBindLLM:
     config, state = load_meta_state_dict(ADAPTER / "llama" / "base", max_seq_len=512)
     model = ImageBindLLM(build_model(config, state, ADAPTER), encoder, AdapterConfig(feature_dim=32, phase=phase),
                          tokenizer=load_tokenizer(ADAPTER / "llama" / "tokenizer.model"))
-    model.load_adapter(ADAPTER / f"adapter_{phase}.pth")
+    load_adapter_tensors(model, read_adapter_file(ADAPTER / f"adapter_{phase}.pth"))
     return model.eval()
 
 
@@ -57,9 +62,9 @@ def test_bind_outputs_match_official(phase_model):
         vf_img = model.encode_inputs({"Image": (INPUTS["vision"], 1)})
         vf_mix = model.encode_inputs({"Image": (INPUTS["vision"], 0.3), "Audio": (INPUTS["audio"], 0.5),
                                       "Text": (INPUTS["text"], 0.2)})
-        vf_knn = model.encode_inputs({"Image": (INPUTS["vision"], 1)}, cache=bank, top_k=10, temperature=20, weight=0.5)
+        vf_knn = model.encode_inputs({"Image": (INPUTS["vision"], 1)}, partial(bank.blend, options=BlendOptions(10, 20, 0.5)))
         vf_knn_mix = model.encode_inputs({"Image": (INPUTS["vision"], 0.5), "Audio": (INPUTS["audio"], 0.5)},
-                                         cache=bank, top_k=5, temperature=50, weight=0.7)
+                                         partial(bank.blend, options=BlendOptions(5, 50, 0.7)))
     torch.testing.assert_close(vf_img, ref["vf_img"], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(vf_mix, ref["vf_mix"], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(vf_knn, ref["vf_knn"].reshape(vf_knn.shape), atol=1e-5, rtol=1e-5)
@@ -94,10 +99,11 @@ def test_training_loss_gradients_and_trainable_set_match_official(phase_model, e
     phase, _ = phase_model
     ref = IO["results"][phase]
     model = official_model(phase, encoder).train()
-    trainable = set_trainable(model, phase)
+    trainable = set_trainable(model, model.adapter_params(phase))
     names = official_names(model)
     assert sorted(names[n] for n in trainable) == sorted(ref["trainable"])
-    loss = model.training_loss(ref["train_tokens"], ref["train_labels"], INPUTS["vision_batch"])
+    visual = model.encode_inputs({"image": (INPUTS["vision_batch"], 1.0)})
+    loss = lm_loss(model(ref["train_tokens"], visual), ref["train_labels"])
     torch.testing.assert_close(loss, ref["loss"], rtol=1e-5, atol=0)
     loss.backward()
     grads = {names[n]: p.grad for n, p in model.named_parameters() if p.requires_grad}
@@ -110,13 +116,13 @@ def test_7b_skeleton_has_the_released_adapter_keys():
     manifest = json.loads((ADAPTER / "imagebind_llm_7B_keys.json").read_text())["adapter_7B_pth"]
     with torch.device("meta"):
         model = ImageBindLLM(Transformer(LLMConfig.from_name("llama-7b")), None, AdapterConfig(phase="finetune"))
-    exported = {k: list(v.shape) for k, v in model.official_adapter_state_dict().items()}
+    exported = {k: list(v.shape) for k, v in official_adapter_state_dict(model).items()}
     assert exported == {k: list(v) for k, v in manifest.items()}
 
 
 def test_exported_adapter_round_trips_to_the_official_file(encoder):
     model = official_model("finetune", encoder)
-    exported = model.official_adapter_state_dict()
+    exported = official_adapter_state_dict(model)
     original = torch.load(ADAPTER / "adapter_finetune.pth", weights_only=True)["model"]
     assert set(exported) == set(original)
     for name, tensor in original.items():
@@ -127,7 +133,7 @@ def test_stage2_file_into_stage1_model_is_refused(encoder):
     config, state = load_meta_state_dict(ADAPTER / "llama" / "base")
     model = ImageBindLLM(build_model(config, state, ADAPTER), encoder, AdapterConfig(feature_dim=32, phase="pretrain"))
     with pytest.raises(CheckpointMismatchError, match="phase='finetune'"):
-        model.load_adapter(ADAPTER / "adapter_finetune.pth")
+        load_adapter_tensors(model, read_adapter_file(ADAPTER / "adapter_finetune.pth"))
 
 
 def test_unknown_modality_is_a_clear_error(phase_model):
@@ -185,7 +191,7 @@ def test_injection_into_the_last_layers_only():
     torch.manual_seed(0)
     llm = Transformer(LLMConfig.from_name("tiny")).eval()
     model = ImageBindLLM(llm, None, AdapterConfig(feature_dim=16, inject_layers=1, phase="pretrain")).eval()
-    exported = model.official_adapter_state_dict()
+    exported = official_adapter_state_dict(model)
     assert [k for k in exported if k.endswith(".gate")] == ["llama.layers.1.attention.gate"]
     assert tuple(exported["prefix_query.weight"].shape) == (1, llm.config.dim)
     with torch.no_grad():

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from imagebind_llm.model.imagebind_llm import official_names
+from imagebind_llm.model.convert import official_names
 from imagebind_llm.train import load_config
 from imagebind_llm.train.loop import TrainStep, enable_activation_checkpointing, lm_loss, train_step
 from imagebind_llm.train.optim import build_optimizer, decays

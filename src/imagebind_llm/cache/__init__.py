@@ -2,13 +2,13 @@
 
 API summary::
 
-    from imagebind_llm.cache import FeatureCache, build_cache
+    from imagebind_llm.cache import BlendOptions, FeatureCache, build_cache
 
     cache = FeatureCache.from_vectors(feats)             # [n, D] unit-norm, in memory
     cache = FeatureCache.load("cache/")                  # memory-mapped, sizes/checksums verified
     cache.check_compatible(dim=1024, encoder="imagebind_huge")
     sims, ids = cache.search(q, top_k=10)                # [B, k] each
-    q2 = cache(q)                                        # official blend, top-k 10, temperature 20, weight 0.5
+    q2 = cache.blend(q, BlendOptions(top_k=5))           # unset fields: the cache's stored defaults (10, 20, 0.5)
     cache.nprobe = 64                                    # IVF lists searched
     build_cache("cache/", encoder="imagebind_huge", images=paths, encode_images=fn)   # resumable, sharded
     build_cache("cache/", encoder="imagebind_huge", features=["a.npy", "b.npy"])
@@ -16,11 +16,12 @@ API summary::
 """
 
 from .build import build_cache, build_from_images, build_from_shards, extract_features, import_faiss_index, merge_shards
-from .feature_cache import BlendDefaults, CacheError, CacheMeta, FeatureCache
+from .blend import OFFICIAL_BLEND, BlendOptions, ExactBank, FeatureRetriever, blend_neighbours
+from .feature_cache import CacheError, CacheMeta, FeatureCache
 from .index import choose_factory, default_nlist
 
 __all__ = [
-    "BlendDefaults", "CacheError", "CacheMeta", "FeatureCache", "build_cache", "build_from_images",
-    "build_from_shards", "choose_factory", "default_nlist", "extract_features", "import_faiss_index",
-    "merge_shards",
+    "OFFICIAL_BLEND", "BlendOptions", "CacheError", "CacheMeta", "ExactBank", "FeatureCache", "FeatureRetriever",
+    "blend_neighbours", "build_cache", "build_from_images", "build_from_shards", "choose_factory", "default_nlist",
+    "extract_features", "import_faiss_index", "merge_shards",
 ]

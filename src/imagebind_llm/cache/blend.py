@@ -7,23 +7,61 @@ of unit-norm image features with inner-product similarities ``s``:
     r = normalize(sum_j a_j * proto_j)
     q' = normalize((1 - weight) * q + weight * r)
 
-`ExactBank` is the simplest cache (an in-memory matrix, exact search by matmul); the FAISS-backed
-`imagebind_llm.cache.FeatureCache` uses the same `blend_neighbours`.
+`BlendOptions` holds ``top_k``, ``temperature`` and ``weight``; what a request leaves unset comes from
+the cache's stored defaults (official: 10, 20, 0.5). `ExactBank` is the simplest cache (an in-memory
+matrix, exact search by matmul); the FAISS-backed `imagebind_llm.cache.FeatureCache` uses the same
+`blend_neighbours`.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch.nn import functional as F
 
 
-class FeatureRetriever(Protocol):
-    """Anything the model accepts as ``cache``: maps mixed features ``[B, D]`` to blended ``[B, D]``."""
+@dataclass(frozen=True)
+class BlendOptions:
+    """How the cache pulls a feature towards its neighbours; None: the cache's stored default.
 
-    def blend(self, queries: torch.Tensor, top_k: int = 10, temperature: float = 20.0,
-              weight: float = 0.5) -> torch.Tensor: ...
+    Attributes:
+        top_k: neighbours blended (official 10).
+        temperature: multiplier on the similarities before the softmax (official ``cache_t`` 20).
+        weight: weight of the retrieved prototype, in [0, 1] (official ``cache_weight`` 0.5).
+    """
+
+    top_k: int | None = None
+    temperature: float | None = None
+    weight: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ValueError(f"cache top_k must be a whole number >= 1, got {self.top_k!r}")
+        if self.temperature is not None and not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"cache temperature must be a finite number >= 0, got {self.temperature!r}")
+        if self.weight is not None and not 0.0 <= self.weight <= 1.0:  # NaN fails this too
+            raise ValueError(f"cache weight must be in [0, 1], got {self.weight!r}")
+
+    def resolve(self, defaults: "BlendOptions") -> "BlendOptions":
+        """These options with every unset field taken from ``defaults``."""
+        return BlendOptions(*(getattr(self, f.name) if getattr(self, f.name) is not None else getattr(defaults, f.name)
+                              for f in dataclasses.fields(self)))
+
+    def replace(self, **changes: Any) -> "BlendOptions":
+        return dataclasses.replace(self, **changes)
+
+
+OFFICIAL_BLEND = BlendOptions(top_k=10, temperature=20.0, weight=0.5)
+
+
+class FeatureRetriever(Protocol):
+    """Anything usable as the cache: blends mixed features ``[B, D]`` with their neighbours -> ``[B, D]``."""
+
+    def blend(self, queries: torch.Tensor, options: BlendOptions | None = None) -> torch.Tensor: ...
 
 
 def blend_neighbours(queries: torch.Tensor, sims: torch.Tensor, neighbours: torch.Tensor,
@@ -65,8 +103,8 @@ class ExactBank:
         sims = queries.float().to(self.vectors.device) @ self.vectors.T
         return sims.topk(min(top_k, self.vectors.shape[0]), dim=-1)
 
-    def blend(self, queries: torch.Tensor, top_k: int = 10, temperature: float = 20.0,
-              weight: float = 0.5) -> torch.Tensor:
-        sims, idx = self.search(queries, top_k)
-        out = blend_neighbours(queries.to(self.vectors.device), sims, self.vectors[idx], temperature, weight)
+    def blend(self, queries: torch.Tensor, options: BlendOptions | None = None) -> torch.Tensor:
+        opts = (options or BlendOptions()).resolve(OFFICIAL_BLEND)
+        sims, idx = self.search(queries, opts.top_k)
+        out = blend_neighbours(queries.to(self.vectors.device), sims, self.vectors[idx], opts.temperature, opts.weight)
         return out.to(queries.device)

@@ -32,7 +32,7 @@ import torch
 
 from imagebind_llm.cache import index as index_lib
 from imagebind_llm.hub import sha256_file
-from imagebind_llm.model.retrieval import blend_neighbours
+from imagebind_llm.cache.blend import OFFICIAL_BLEND, BlendOptions, blend_neighbours
 
 log = logging.getLogger(__name__)
 
@@ -53,23 +53,6 @@ class CacheError(ValueError):
 
 
 @dataclass
-class BlendDefaults:
-    """Official defaults of ``forward_visual``: top-k 10, temperature 20, weight 0.5."""
-
-    top_k: int = 10
-    temperature: float = 20.0
-    weight: float = 0.5
-
-    def __post_init__(self) -> None:
-        if self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 <= self.weight <= 1.0:
-            raise ValueError(f"weight must be in [0, 1], got {self.weight}")
-
-
-@dataclass
 class CacheMeta:
     """What `meta.json` records about a cache."""
 
@@ -83,7 +66,7 @@ class CacheMeta:
     nprobe: int | None = None
     refine: int = 4  # with a kept vector copy: re-rank refine * k index candidates by exact similarity
     created: str = ""
-    defaults: BlendDefaults = field(default_factory=BlendDefaults)
+    defaults: BlendOptions = OFFICIAL_BLEND
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"bytes", "sha256"}
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. the build's source description
 
@@ -99,7 +82,7 @@ class CacheMeta:
             )
         fields = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in fields}
-        d["defaults"] = BlendDefaults(**d.get("defaults", {}))
+        d["defaults"] = BlendOptions(**d.get("defaults", {})).resolve(OFFICIAL_BLEND)
         try:
             return cls(**d)
         except TypeError as e:
@@ -165,7 +148,7 @@ class FeatureCache:
         nprobe: int = 32,
         keep_vectors: str | None = "auto",
         sources: Sequence[str] | None = None,
-        defaults: BlendDefaults | None = None,
+        defaults: BlendOptions | None = None,
     ) -> "FeatureCache":
         """Build an in-memory cache from ``[n, D]`` unit-norm vectors.
 
@@ -202,7 +185,7 @@ class FeatureCache:
         encoder: str = DEFAULT_ENCODER,
         sources: Sequence[str] | None = None,
         mmap: bool = True,
-        defaults: BlendDefaults | None = None,
+        defaults: BlendOptions | None = None,
     ) -> "FeatureCache":
         """Wrap an existing inner-product FAISS index (e.g. the official ``knn.index``) as is.
 
@@ -372,20 +355,14 @@ class FeatureCache:
         rows[missing] = 0.0
         return rows.reshape(*ids.shape, self.dim)
 
-    def blend(
-        self,
-        queries: Array,
-        top_k: int | None = None,
-        temperature: float | None = None,
-        weight: float | None = None,
-    ) -> Array:
-        """The official cache blend of ``queries [B, D]`` (see `model.retrieval.blend_neighbours`).
+    def blend(self, queries: Array, options: BlendOptions | None = None, **changes: Any) -> Array:
+        """The official cache blend of ``queries [B, D]`` (see `cache.blend.blend_neighbours`).
 
         ``sims, ids = search(q)``; ``a = softmax(temperature * sims)``; ``r = normalize(a @ protos)``;
         ``out = normalize((1 - weight) * q + weight * r)``, with ``q`` searched and blended as given
         (not re-normalised) and the raw inner products, as in the official code. Search runs on
         FAISS (CPU, or GPU FAISS when present); the blend arithmetic runs in float32 on the input's
-        device. With a kept vector copy (lossy SQ8 codes), neighbours are re-ranked and weighted by
+        device. ``changes`` (``top_k=5``) override fields of ``options``. With a kept vector copy (lossy SQ8 codes), neighbours are re-ranked and weighted by
         their exact similarities from it (see `search`), so the 8-bit error does not reach the
         blend. Missing neighbours (IVF) get zero vectors, which drop out of ``r`` exactly; a query
         with no neighbour at all comes back as ``normalize(q)``. Unset arguments use the cache's
@@ -394,11 +371,7 @@ class FeatureCache:
         Returns:
             ``[B, D]`` unit-norm features of the input's type (numpy or torch), device and dtype.
         """
-        opts = BlendDefaults(
-            top_k if top_k is not None else self.meta.defaults.top_k,
-            temperature if temperature is not None else self.meta.defaults.temperature,
-            weight if weight is not None else self.meta.defaults.weight,
-        )
+        opts = (options or BlendOptions()).replace(**changes).resolve(self.meta.defaults)
         as_numpy = not isinstance(queries, torch.Tensor)
         q = torch.from_numpy(np.asarray(queries)) if as_numpy else queries.detach()
         q_np = self._as_query_array(q)
@@ -455,7 +428,7 @@ def new_meta(
     *,
     nprobe: int | None,
     vectors_dtype: str | None = None,
-    defaults: BlendDefaults | None = None,
+    defaults: BlendOptions | None = None,
     extra: dict[str, Any] | None = None,
 ) -> CacheMeta:
     """Metadata for a freshly built index (files are filled in by `FeatureCache.save`)."""
@@ -469,7 +442,7 @@ def new_meta(
         vectors_dtype=vectors_dtype,
         nprobe=nprobe if is_ivf else None,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        defaults=defaults or BlendDefaults(),
+        defaults=(defaults or BlendOptions()).resolve(OFFICIAL_BLEND),
         extra=extra or {},
     )
 

@@ -11,6 +11,8 @@ The tokenizer is duck-typed: ``encode(text, *, bos=False, eos=False) -> list[int
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -44,6 +46,53 @@ class Completion:
     tokens: list[int] = field(default_factory=list)
     text: str | None = None
     finish_reason: str = "length"
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How one answer is sampled. The defaults are ImageBind-LLM's official ones (256 new tokens,
+    temperature 0.1, top-p 0.75); `GREEDY` is the deterministic choice.
+
+    Attributes:
+        max_new_tokens: answer length limit in tokens.
+        temperature: 0 is greedy (argmax); otherwise logits are divided by it.
+        top_p, top_k: nucleus and top-k filters (None: off).
+        repetition_penalty: CTRL penalty over prompt and generated tokens (1 disables it).
+        min_new_tokens: the stop tokens cannot be sampled before this many tokens.
+        stop_strings: texts that end the answer (cut before them).
+        stop_token_ids: ids that end the answer; None: the tokenizer's stop ids.
+        seed: seed of this answer's own random generator (None: the global one).
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.1
+    top_p: float | None = 0.75
+    top_k: int | None = None
+    repetition_penalty: float = 1.0
+    min_new_tokens: int = 0
+    stop_strings: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+        if self.stop_token_ids is not None:
+            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        _check_sampling(self.max_new_tokens, self.temperature, self.top_k, self.top_p, self.repetition_penalty)
+        if self.min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens={self.min_new_tokens} must be >= 0")
+
+    def replace(self, **changes: Any) -> "SamplingOptions":
+        return dataclasses.replace(self, **changes)
+
+    def generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
+        """A fresh generator seeded with ``seed`` (None without a seed)."""
+        return None if self.seed is None else torch.Generator(device=device).manual_seed(self.seed)
+
+    def generate_kwargs(self, device: torch.device | str = "cpu") -> dict[str, Any]:
+        """These options as the keyword arguments of `generate` / `stream`."""
+        kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "seed"}
+        return {**kwargs, "generator": self.generator(device)}
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -164,7 +213,7 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], *, max
 # ---------------------------------------------------------------------------------------------- stopping
 
 
-class _RowText:
+class RowText:
     """Tracks one row's tokens and decoded text; decides stops and which text is safe to emit."""
 
     def __init__(self, tokenizer: Tokenizer | None, stop_ids: set[int], stop_strings: Sequence[str]) -> None:
@@ -210,26 +259,30 @@ class _RowText:
 
 def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
                     repetition_penalty: float) -> None:
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy)")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k={top_k} must be >= 1 or None")
+    # written so that NaN fails every check
+    if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be a whole number >= 1")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature={temperature} must be a finite number >= 0 (0 is greedy)")
+    if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
+        raise ValueError(f"top_k={top_k} must be a whole number >= 1 or None")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p} must be in (0, 1] or None")
-    if repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty={repetition_penalty} must be > 0 (1 disables it)")
+    if not (math.isfinite(repetition_penalty) and repetition_penalty > 0):
+        raise ValueError(f"repetition_penalty={repetition_penalty} must be a finite number > 0 (1 disables it)")
+
+
+GREEDY = SamplingOptions(temperature=0.0, top_p=None)
 
 
 def _rows(prompts: Sequence[Sequence[int]], tokenizer: Tokenizer | None, stop_token_ids: Iterable[int] | None,
-          stop_strings: Sequence[str]) -> list[_RowText]:
+          stop_strings: Sequence[str]) -> list[RowText]:
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the generated text")
     if stop_token_ids is None:
         stop_token_ids = [] if tokenizer is None or tokenizer.eos_id is None else [tokenizer.eos_id]
     stop_ids = set(stop_token_ids)
-    return [_RowText(tokenizer, stop_ids, [s for s in stop_strings if s]) for _ in prompts]
+    return [RowText(tokenizer, stop_ids, [s for s in stop_strings if s]) for _ in prompts]
 
 
 @torch.inference_mode()

@@ -85,12 +85,20 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store ``k``/``v`` ``[B, Hkv, S, D]`` at positions ``input_pos`` ``[B, S]``; return the full caches."""
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, rows: slice = slice(None),
+               length: int | None = None) -> tuple[Tensor, Tensor]:
+        """Store ``k``/``v`` ``[B, Hkv, S, D]`` at positions ``input_pos`` ``[B, S]`` of cache rows ``rows``;
+        return those rows' caches, their first ``length`` slots (default all)."""
+        k_rows, v_rows = self.k[rows], self.v[rows]  # views: a slice of rows is contiguous
         slots = input_pos[:, None, :, None].expand(k.shape)
-        self.k.scatter_(2, slots, k.to(self.k.dtype))
-        self.v.scatter_(2, slots, v.to(self.v.dtype))
-        return self.k, self.v
+        k_rows.scatter_(2, slots, k.to(self.k.dtype))
+        v_rows.scatter_(2, slots, v.to(self.v.dtype))
+        return k_rows[:, :, :length], v_rows[:, :, :length]
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Make row ``dst`` a copy of row ``src`` (continuous batching compacts its rows this way)."""
+        self.k[dst].copy_(self.k[src])
+        self.v[dst].copy_(self.v[src])
 
 
 class Attention(nn.Module):
@@ -107,16 +115,19 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: Tensor, rope: Tensor, input_pos: Tensor | None = None,
-                mask: Tensor | None = None, injection: Tensor | None = None) -> Tensor:
+                mask: Tensor | None = None, injection: Tensor | None = None,
+                cache_rows: slice = slice(None)) -> Tensor:
         """Attention over ``x`` ``[B, S, dim]``.
 
         Args:
             x: normalised hidden states ``[B, S, dim]``.
             rope: complex rotations for these positions, ``[B or 1, S, 1, head_dim / 2]``.
             input_pos: ``[B, S]`` cache positions; None for uncached causal attention.
-            mask: ``[B, 1, S, T]`` bool, True where a query may see a cache slot (cached path only).
+            mask: ``[B, 1, S, T]`` bool, True where a query may see a cache slot (cached path only);
+                only the first ``T`` slots are read.
             injection: None or a tensor broadcastable to ``[B, S, n_heads, head_dim]`` added to the
                 attention output of every head before ``wo``.
+            cache_rows: the KV cache rows these ``B`` rows use (a slice of length ``B``).
 
         Returns:
             ``[B, S, dim]``.
@@ -131,7 +142,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             assert self.kv_cache is not None, "cached forward without setup_caches"
-            k, v = self.kv_cache.update(input_pos, k, v)
+            k, v = self.kv_cache.update(input_pos, k, v, cache_rows, mask.shape[-1])
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         y = y.transpose(1, 2)
         if injection is not None:
@@ -163,8 +174,9 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(config)
 
     def forward(self, x: Tensor, rope: Tensor, input_pos: Tensor | None = None,
-                mask: Tensor | None = None, injection: Tensor | None = None) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, input_pos, mask, injection)
+                mask: Tensor | None = None, injection: Tensor | None = None,
+                cache_rows: slice = slice(None)) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, input_pos, mask, injection, cache_rows)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -232,9 +244,15 @@ class Transformer(nn.Module):
             self._rope = rope_table(self.config, positions.device)
         return self._rope[positions].unsqueeze(2)
 
+    def copy_cache_row(self, src: int, dst: int) -> None:
+        """Copy KV cache row ``src`` over row ``dst`` in every layer."""
+        for layer in self.layers:
+            layer.attention.kv_cache.copy_row(src, dst)
+
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None, *,
                 injections: Sequence[Tensor | None] | None = None,
-                logits_index: Tensor | None = None) -> Tensor:
+                logits_index: Tensor | None = None, cache_rows: slice | None = None,
+                kv_len: int | None = None) -> Tensor:
         """Logits for ``tokens``.
 
         Args:
@@ -245,6 +263,10 @@ class Transformer(nn.Module):
                 ``[B, S, n_heads, head_dim]`` added to that layer's attention output before ``wo``.
             logits_index: optional ``[B]`` index along ``S`` per row; only those positions go through
                 the final norm and LM head (saves the ``[B, S, vocab]`` projection when generating).
+            cache_rows: which KV cache rows the ``B`` rows use (a slice of ``B`` rows); None: all rows.
+                A continuous-batching scheduler prefills new requests into free rows this way.
+            kv_len: attend over the first ``kv_len`` cache slots only (must exceed every position in
+                ``input_pos``); None: all slots. Saves reading the unused tail of a long cache.
 
         Returns:
             ``[B, S, vocab_size]`` logits, or ``[B, 1, vocab_size]`` when ``logits_index`` is given.
@@ -260,15 +282,19 @@ class Transformer(nn.Module):
         else:
             if not self.caches_enabled:
                 raise ValueError("input_pos given but no KV cache: call model.setup_caches(batch_size, max_seq_len)")
-            if self.layers[0].attention.kv_cache.k.shape[0] != B:
-                raise ValueError(f"batch of {B} rows but the KV cache holds "
-                                 f"{self.layers[0].attention.kv_cache.k.shape[0]}; call setup_caches({B}, ...)")
+            cache_batch = self.layers[0].attention.kv_cache.k.shape[0]
+            rows = cache_rows if cache_rows is not None else slice(None)
+            if len(range(cache_batch)[rows]) != B:
+                held = "" if cache_rows is None else f" rows {rows.start}:{rows.stop}"
+                raise ValueError(f"batch of {B} rows but the KV cache{held} holds "
+                                 f"{len(range(cache_batch)[rows])}; call setup_caches({B}, ...)")
             positions = input_pos = input_pos.expand(B, S)
-            mask = input_pos[:, None, :, None] >= self._cache_slots  # [B, 1, S, T]
+            mask = input_pos[:, None, :, None] >= self._cache_slots[:kv_len]  # [B, 1, S, T]
         rope = self._rope_for(positions)
         x = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, input_pos, mask, None if injections is None else injections[i])
+            x = layer(x, rope, input_pos, mask, None if injections is None else injections[i],
+                      cache_rows if cache_rows is not None else slice(None))
         if logits_index is not None:
             x = x[torch.arange(B, device=x.device), logits_index].unsqueeze(1)
         return self.output(self.norm(x))

@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from torch import nn
 
+from imagebind_llm.encoders.convert import official_key as official_encoder_key
 from imagebind_llm.hub import read_state_dict
 from imagebind_llm.llm.weights.common import CheckpointMismatchError
 
@@ -90,3 +92,34 @@ def read_adapter_file(path: str | Path) -> dict[str, torch.Tensor]:
 def is_legacy_bind(official_state: Mapping[str, torch.Tensor]) -> bool:
     """True for the LayerNorm + bias bind network of the released ``7B-beta.pth``."""
     return "image_bind_norm_1.bias" in official_state or "image_bind_f1_1.bias" in official_state
+
+
+def official_names(model: nn.Module) -> dict[str, str]:
+    """Our parameter name -> official ImageBind-LLM name, for every parameter of an `ImageBindLLM`."""
+    names = {}
+    for key, _ in model.named_parameters():
+        if key.startswith("encoder."):
+            names[key] = "image_bind." + official_encoder_key(key[len("encoder."):])
+        else:
+            names[key] = ours_to_official(key, model.first_injected_layer)
+    return names
+
+
+def official_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """An `ImageBindLLM`'s adapter in the official layout (wrap as ``{'model': ...}`` to write a ``7B.pth``):
+    bind net, prefix, gates, decoder norms, biases and LoRA, as the official ``convert_ckpt.py`` keeps."""
+    out = {}
+    for key, param in model.adapter_params("all").items():
+        tensor = param.detach()
+        out[ours_to_official(key, model.first_injected_layer)] = gate_to_official(tensor) if key.startswith("gates.") \
+            else tensor
+    return out
+
+
+def official_to_ours_state(official: Mapping[str, torch.Tensor], first_injected_layer: int) -> dict[str, torch.Tensor]:
+    """An official adapter state dict renamed to our parameter names (gates reshaped to ``[H]``)."""
+    ours = {}
+    for name, tensor in official.items():
+        key = official_to_ours(name, first_injected_layer)
+        ours[key] = tensor.reshape(-1) if key.startswith("gates.") else tensor
+    return ours

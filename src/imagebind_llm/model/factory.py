@@ -1,31 +1,41 @@
-"""Building ImageBind-LLM models: from the official release, from our own folders, or the embedded demo.
+"""Building ImageBind-LLM models: `create_model(spec)` is the one way, used by the CLI, training, the
+cache commands, the engine and the benches. Also our own folder format and the Open-Chinese-LLaMA merge.
 
-Resolution is explicit: every path is given by the caller; nothing is inferred from folder names.
+Resolution is explicit: every part comes from a `ModelSpec` field or from the named model it starts from
+(`imagebind_llm.hub.MODELS`); registry names are accepted wherever a path is.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from imagebind_llm.encoders import ImageBind, ImageBindConfig, load_official as load_official_encoder
+from imagebind_llm.hub import MODELS, NamedModel, default_cache_dir, fetch, read_state_dict
 from imagebind_llm.llm.config import LLMConfig
 from imagebind_llm.llm.tokenizer import load_tokenizer
 from imagebind_llm.llm.weights import load_llm
 from imagebind_llm.llm.weights.meta import meta_shards
-from imagebind_llm.model.convert import CheckpointMismatchError, is_legacy_bind, read_adapter_file
-from imagebind_llm.model.imagebind_llm import AdapterConfig, ImageBindLLM
+from imagebind_llm.model.config import AdapterConfig, ModelSpec
+from imagebind_llm.model.convert import (
+    CheckpointMismatchError, is_legacy_bind, official_to_ours_state, read_adapter_file,
+)
+from imagebind_llm.model.imagebind_llm import ImageBindLLM
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 BASE_MARKER = "imagebind_llm_base.json"  # written by `merge_delta` next to a merged base
+CONFIG_FILE, ADAPTER_FILE = "config.json", "adapter.safetensors"  # our folder format
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # A small ImageBind (official architecture, reduced widths/depths) for the embedded demo and smoke runs;
 # its output width is the released 1024 so the bind network has its real input size.
@@ -38,12 +48,134 @@ DEMO_ENCODER = dict(
 )
 
 
-def _encoder(imagebind: nn.Module | str | Path | None, config: ImageBindConfig | str | Path | None,
-             dtype: torch.dtype,
-             device: torch.device | str) -> nn.Module | None:
-    if imagebind is None or isinstance(imagebind, nn.Module):
-        return imagebind
-    return load_official_encoder(imagebind, config, dtype=dtype, device=device)
+
+def create_model(spec: ModelSpec | str | None = "demo", **changes) -> ImageBindLLM:
+    """Build the model ``spec`` describes (a `ModelSpec`, or a named model such as ``"imagebind-llm-7b"``).
+
+    ``changes`` override fields of the spec: ``create_model("imagebind-llm-7b", llm="llama_dir/7B")``.
+    Without arguments: the embedded demo (SmolLM2 + a small random ImageBind, zero gates).
+
+    Raises:
+        ValueError: an unknown named model, or parts that do not fit together (the message says which).
+        FileNotFoundError: a path that does not exist and is no registry name.
+    """
+    if spec is None or isinstance(spec, str):
+        spec = ModelSpec(name=spec)
+    spec = _apply_named(spec.replace(**changes))
+    dtype = _DTYPES[spec.dtype]
+    ours = _our_folder(spec.adapter)
+    official = None if spec.adapter is None or ours is not None else read_adapter_file(fetch(spec.adapter))
+    loaded = load_llm(spec.llm, dtype=dtype, device=spec.device, quantized=spec.quantized)
+    loaded.model.config.max_seq_len = spec.max_seq_len
+    torch.manual_seed(spec.seed)
+    encoder = _encoder(spec, ours, dtype)
+    config = _adapter_config(spec, ours, official, encoder)
+    tokenizer = load_tokenizer(spec.tokenizer) if spec.tokenizer is not None else loaded.tokenizer
+    model = ImageBindLLM(loaded.model, encoder, config, tokenizer=tokenizer).to(device=spec.device, dtype=dtype)
+    if official is not None:
+        _warn_if_vanilla_base(loaded.path, official, loaded.model.config)
+        missing = load_adapter_tensors(model, official, layout="official")
+        if missing:
+            logger.info("adapter file lacks %d tensors (kept at init): %s", len(missing), missing[:5])
+    elif ours is not None:
+        _check_base(ours, loaded.model.config, loaded.path)
+        saved_phase = _read_json(ours / CONFIG_FILE)["adapter"]["phase"]  # a stage-1 folder starting stage 2 lacks LoRA
+        load_adapter_tensors(model, load_file(str(ours / ADAPTER_FILE)), layout="ours",
+                             allow_missing=config.phase != saved_phase)
+    return model.eval()
+
+
+def build_default(*, phase: str = "finetune", dtype: torch.dtype = torch.float32,
+                  device: torch.device | str = "cpu", seed: int = 0) -> ImageBindLLM:
+    """The embedded demo: ``create_model("demo")`` with these options."""
+    dtype_name = next(k for k, v in _DTYPES.items() if v == dtype)
+    return create_model("demo", phase=phase, dtype=dtype_name, device=str(device), seed=seed)
+
+
+def _apply_named(spec: ModelSpec) -> ModelSpec:
+    """Fill the parts the spec leaves unset from its named model; merge a delta base once into the cache."""
+    if spec.name is None:
+        return spec
+    if spec.name not in MODELS:
+        raise ValueError(f"unknown model {spec.name!r}; named models: {sorted(MODELS)}")
+    named = MODELS[spec.name]
+    llm = spec.llm
+    if named.base == "llama-7b":
+        if llm is None:
+            raise ValueError(f"{named.name} is built on Meta's LLaMA-7B, which cannot be downloaded: pass its folder "
+                             "(params.json + consolidated.00.pth), e.g. --model llama_dir/7B")
+        if named.delta is not None and not (Path(llm) / BASE_MARKER).is_file():
+            llm = _merged_base(Path(llm), named)
+    return spec.replace(
+        name=None, llm=llm, adapter=spec.adapter if spec.adapter is not None else named.adapter,
+        imagebind=spec.imagebind if spec.imagebind is not None else named.imagebind,
+        demo_encoder=spec.demo_encoder or named.demo_encoder, phase=spec.phase or named.phase)
+
+
+def _merged_base(base: Path, named: NamedModel) -> Path:
+    """The Open-Chinese-LLaMA base for ``named``: merged from ``base`` and the delta once, then reused."""
+    out = default_cache_dir() / "merged" / f"{named.name}-base"
+    if not (out / BASE_MARKER).is_file():
+        weights, params = (fetch(name) for name in named.delta)
+        logger.warning("building %s's base in %s from %s + delta (once)", named.name, out, base)
+        merge_delta(base, weights, out, delta_params=params)
+    return out
+
+
+def _our_folder(adapter: str | os.PathLike | None) -> Path | None:
+    """``adapter`` as our folder format (config.json + adapter.safetensors), or None for an official file."""
+    if adapter is None or not Path(adapter).is_dir():
+        return None
+    path = Path(adapter)
+    if not (path / CONFIG_FILE).is_file() or not (path / ADAPTER_FILE).is_file():
+        raise FileNotFoundError(f"{path} is not an imagebind-llm folder ({CONFIG_FILE} + {ADAPTER_FILE}); pass a "
+                                "save_pretrained folder or an official adapter .pth")
+    saved = _read_json(path / CONFIG_FILE)
+    if saved.get("format_version") != FORMAT_VERSION:
+        raise CheckpointMismatchError(f"{path}: format_version {saved.get('format_version')} is not {FORMAT_VERSION}")
+    return path
+
+
+def _encoder(spec: ModelSpec, ours: Path | None, dtype: torch.dtype) -> nn.Module | None:
+    if spec.imagebind is not None:
+        return load_official_encoder(fetch(spec.imagebind), spec.imagebind_config, dtype=dtype, device=spec.device)
+    saved = _read_json(ours / CONFIG_FILE).get("encoder") if ours is not None else None
+    if spec.demo_encoder or saved:
+        if saved:
+            logger.warning("no ImageBind weights given: the encoder is randomly initialised")
+        config = ImageBindConfig.from_dict(saved) if saved else ImageBindConfig.huge(**DEMO_ENCODER)
+        return ImageBind(config).to(device=spec.device, dtype=dtype).eval()
+    return None
+
+
+def _adapter_config(spec: ModelSpec, ours: Path | None, official: Mapping[str, torch.Tensor] | None,
+                    encoder: nn.Module | None) -> AdapterConfig:
+    if ours is not None:
+        saved = AdapterConfig(**_read_json(ours / CONFIG_FILE)["adapter"])
+        return saved if spec.phase is None else AdapterConfig(**{**saved.to_dict(), "phase": spec.phase})
+    feature_dim = spec.feature_dim
+    if encoder is not None:
+        feature_dim = encoder.config.out_embed_dim
+    elif feature_dim is None and official is not None and "image_bind_proj.weight" in official:
+        feature_dim = official["image_bind_proj.weight"].shape[1]
+    return AdapterConfig(feature_dim=feature_dim or AdapterConfig().feature_dim, phase=spec.phase or "finetune",
+                         lora_rank=spec.lora_rank, inject_layers=spec.inject_layers,
+                         legacy_bind=is_legacy_bind(official) if official is not None else False)
+
+
+def _check_base(ours: Path, llm_config: LLMConfig, llm_path: Path) -> None:
+    saved = LLMConfig.from_dict(_read_json(ours / CONFIG_FILE)["llm"])
+    for field in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size"):
+        if getattr(saved, field) != getattr(llm_config, field):
+            raise CheckpointMismatchError(f"{ours} was trained on a base with {field}={getattr(saved, field)}, "
+                                          f"but {llm_path} has {getattr(llm_config, field)}; pass its base")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); restore it or save the folder again") from None
 
 
 def _warn_if_vanilla_base(llm_path: Path, adapter: Mapping[str, torch.Tensor], llm_config: LLMConfig) -> None:
@@ -58,64 +190,51 @@ def _warn_if_vanilla_base(llm_path: Path, adapter: Mapping[str, torch.Tensor], l
             llm_path, BASE_MARKER)
 
 
-def from_official(llm_path: str | Path | None, adapter: str | Path | Mapping[str, torch.Tensor] | None = None,
-                  imagebind: nn.Module | str | Path | None = None, *, tokenizer: str | Path | None = None,
-                  phase: str = "finetune", imagebind_config: ImageBindConfig | str | Path | None = None,
-                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                  max_seq_len: int = 512, lora_rank: int = 16, inject_layers: int | None = None,
-                  feature_dim: int | None = None, quantized: bool | None = None) -> ImageBindLLM:
-    """The released ImageBind-LLM: base LLM first, then the adapter file, as the official ``llama.load``.
+# -------------------------------------------------------------------- adapter tensors
+def load_adapter_tensors(model: ImageBindLLM, tensors: Mapping[str, torch.Tensor], *, layout: str = "official",
+                         allow_missing: bool = True) -> list[str]:
+    """Copy adapter tensors into ``model``; the one loader of official files, our folders and training starts.
 
     Args:
-        llm_path: base weights: a Meta folder (``params.json`` + ``consolidated.*.pth``, e.g.
-            ``llama_dir/7B_chinese``), a Hugging Face folder or a ``.gguf`` file; None for the embedded SmolLM2.
-        adapter: ``7B.pth`` / ``7B-pretrained.pth`` / ``7B-beta.pth`` (``{'model': ...}``) or its state dict.
-        imagebind: an encoder instance, or an official checkpoint (``imagebind_w3D.pth`` or Meta's
-            ``imagebind_huge.pth``); None for a model without media.
-        tokenizer: a ``tokenizer.model``/``tokenizer.json`` path when it is not beside the weights.
-        phase: ``"finetune"`` (stage-2 structure, for ``7B.pth``) or ``"pretrain"``.
-        imagebind_config: encoder configuration, or a JSON file of ImageBindModel arguments; by default huge,
-            with the point branch iff the file has one.
-        max_seq_len: context length (the official model uses 512).
-        lora_rank, inject_layers: the adapter structure (see `AdapterConfig`; official: 16, every layer).
-        feature_dim: the ImageBind width when there is no encoder (default: the adapter file's, else 1024).
-        quantized: keep a GGUF base's quantised projections in their blocks (see `load_gguf`).
+        tensors: official names (``layout="official"``, e.g. a ``7B.pth`` state dict) or ours (``"ours"``).
+        allow_missing: tensors the file lacks keep their current values (the official loader's rule:
+            a stage-1 file leaves the stage-2 LoRA at its init); False: every adapter tensor is required.
+
+    Returns:
+        Our names of the adapter tensors the file did not have.
+
+    Raises:
+        CheckpointMismatchError: unexpected names, wrong shapes, a legacy/non-legacy bind network
+            mismatch, or (``allow_missing=False``) missing tensors.
     """
-    loaded = load_llm(llm_path, dtype=dtype, device=device, quantized=quantized)
-    loaded.model.config.max_seq_len = max_seq_len
-    official = None if adapter is None else (dict(adapter) if isinstance(adapter, Mapping) else read_adapter_file(adapter))
-    encoder = _encoder(imagebind, imagebind_config, dtype, device)
-    if encoder is not None:
-        feature_dim = encoder.config.out_embed_dim
-    elif feature_dim is None and official is not None and "image_bind_proj.weight" in official:
-        feature_dim = official["image_bind_proj.weight"].shape[1]
-    config = AdapterConfig(feature_dim=feature_dim or AdapterConfig().feature_dim, phase=phase, lora_rank=lora_rank,
-                           inject_layers=inject_layers,
-                           legacy_bind=is_legacy_bind(official) if official is not None else False)
-    model = ImageBindLLM(loaded.model, encoder, config,
-                         tokenizer=load_tokenizer(tokenizer) if tokenizer is not None else loaded.tokenizer)
-    model.to(device=device, dtype=dtype)
-    if official is not None:
-        _warn_if_vanilla_base(loaded.path, official, loaded.model.config)
-        missing = model.load_adapter(official)
-        if missing:
-            logger.info("adapter file lacks %d tensors (kept at init): %s", len(missing), missing[:5])
-    return model.eval()
+    if layout == "official":
+        if is_legacy_bind(tensors) != model.config.legacy_bind:
+            kind = "a legacy (LayerNorm + bias, 7B-beta)" if is_legacy_bind(tensors) else "an RMSNorm (7B)"
+            raise CheckpointMismatchError(f"the adapter has {kind} bind network; build the model with "
+                                          f"AdapterConfig(legacy_bind={is_legacy_bind(tensors)})")
+        tensors = official_to_ours_state(tensors, model.first_injected_layer)
+    elif layout != "ours":
+        raise ValueError(f"layout must be 'official' or 'ours', got {layout!r}")
+    params = dict(model.named_parameters())
+    unexpected = sorted(set(tensors) - set(params))
+    if unexpected:
+        hint = " (a stage-2 file needs phase='finetune')" if any("lora" in k for k in unexpected) else ""
+        raise CheckpointMismatchError(f"unexpected adapter tensors{hint}: {_abbrev(unexpected)}")
+    mismatched = [f"{k}: file {tuple(t.shape)} vs model {tuple(params[k].shape)}" for k, t in tensors.items()
+                  if tuple(t.shape) != tuple(params[k].shape)]
+    if mismatched:
+        raise CheckpointMismatchError(f"adapter shapes do not match the model: {_abbrev(mismatched)}")
+    missing = sorted(set(model.adapter_params("all")) - set(tensors))
+    if missing and not allow_missing:
+        raise CheckpointMismatchError(f"the adapter lacks {len(missing)} tensors: {_abbrev(missing)}")
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            params[key].copy_(tensor)
+    return missing
 
 
-def build_default(*, phase: str = "finetune", dtype: torch.dtype = torch.float32,
-                  device: torch.device | str = "cpu", seed: int = 0) -> ImageBindLLM:
-    """The embedded demo: SmolLM2-135M-Instruct + a small random ImageBind, gates at zero.
-
-    Media go through the whole pipeline, but with zero gates they cannot change the answer until
-    trained or released adapter weights are loaded.
-    """
-    loaded = load_llm(None, dtype=dtype, device=device)
-    torch.manual_seed(seed)
-    encoder = ImageBind(ImageBindConfig.huge(**DEMO_ENCODER)).to(device=device, dtype=dtype).eval()
-    model = ImageBindLLM(loaded.model, encoder, AdapterConfig(feature_dim=encoder.config.out_embed_dim, phase=phase),
-                         tokenizer=loaded.tokenizer)
-    return model.to(device=device, dtype=dtype).eval()
+def _abbrev(items: list[str], n: int = 8) -> str:
+    return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
 # -------------------------------------------------------------------- our own folder format
@@ -123,75 +242,57 @@ def save_pretrained(model: ImageBindLLM, path: str | Path) -> Path:
     """Write ``config.json`` (adapter, LLM and encoder configs) and ``adapter.safetensors`` (our names).
 
     The base LLM and the encoder weights are not copied: they are frozen and loaded from their own files.
+    Load it with ``create_model(ModelSpec(adapter=path, llm=..., imagebind=...))``.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    params = dict(model.named_parameters())
-    tensors = {name: params[name].detach().contiguous().cpu() for name in model.adapter_parameter_names()}
+    tensors = {name: p.detach().contiguous().cpu() for name, p in model.adapter_params("all").items()}
     config = {
         "format_version": FORMAT_VERSION,
         "adapter": model.config.to_dict(),
         "llm": model.llm.config.to_dict(),
         "encoder": model.encoder.config.to_dict() if model.encoder is not None else None,
     }
-    save_file(tensors, str(path / "adapter.safetensors"))
-    (path / "config.json").write_text(json.dumps(config, indent=2))
+    _atomic(path / ADAPTER_FILE, lambda tmp: save_file(tensors, str(tmp)))
+    _atomic(path / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
     return path
 
 
-def load_pretrained(path: str | Path, llm_path: str | Path | None = None,
-                    imagebind: nn.Module | str | Path | None = None, *, dtype: torch.dtype = torch.float32,
-                    device: torch.device | str = "cpu") -> ImageBindLLM:
-    """Load a folder written by `save_pretrained` on top of a base LLM (default: the embedded SmolLM2).
+def load_pretrained(path: str | Path, llm_path: str | Path | None = None, imagebind: str | Path | None = None, *,
+                    dtype: str = "float32", device: str = "cpu") -> ImageBindLLM:
+    """A folder written by `save_pretrained` on its base LLM: ``create_model`` with ``adapter=path``."""
+    if _our_folder(path) is None:
+        raise FileNotFoundError(f"{path} is not an imagebind-llm folder ({CONFIG_FILE} + {ADAPTER_FILE})")
+    return create_model(ModelSpec(llm=llm_path, adapter=path, imagebind=imagebind, dtype=dtype, device=device))
 
-    Raises:
-        CheckpointMismatchError: the base LLM or the encoder differs in shape from the saved one, or
-            adapter tensors are missing/unexpected.
-    """
-    path = Path(path)
-    if not (path / "config.json").is_file() or not (path / "adapter.safetensors").is_file():
-        raise FileNotFoundError(f"{path} is not an imagebind-llm folder (config.json + adapter.safetensors)")
-    saved = json.loads((path / "config.json").read_text())
-    if saved.get("format_version") != FORMAT_VERSION:
-        raise CheckpointMismatchError(f"{path}: format_version {saved.get('format_version')} is not {FORMAT_VERSION}")
-    loaded = load_llm(llm_path, dtype=dtype, device=device)
-    saved_llm = LLMConfig.from_dict(saved["llm"])
-    for field in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size"):
-        if getattr(saved_llm, field) != getattr(loaded.model.config, field):
-            raise CheckpointMismatchError(f"{path} was trained on a base with {field}={getattr(saved_llm, field)}, "
-                                          f"but {loaded.path} has {getattr(loaded.model.config, field)}; pass its base")
-    encoder_config = ImageBindConfig.from_dict(saved["encoder"]) if saved["encoder"] else None
-    if imagebind is None and encoder_config is not None:
-        encoder = ImageBind(encoder_config).eval()
-        logger.warning("no ImageBind weights given: the encoder is randomly initialised")
-    else:
-        encoder = _encoder(imagebind, encoder_config, dtype, device)
-    model = ImageBindLLM(loaded.model, encoder, AdapterConfig(**saved["adapter"]), tokenizer=loaded.tokenizer)
-    tensors = load_file(str(path / "adapter.safetensors"))
-    expected = set(model.adapter_parameter_names())
-    if set(tensors) != expected:
-        raise CheckpointMismatchError(f"{path}/adapter.safetensors: missing {sorted(expected - set(tensors))[:5]}, "
-                                      f"unexpected {sorted(set(tensors) - expected)[:5]}")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            params[name].copy_(tensor)
-    return model.to(device=device, dtype=dtype).eval()
+
+def _atomic(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: never a half-written ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 # -------------------------------------------------------------------- Open-Chinese-LLaMA delta
-def merge_delta(base: str | Path, delta: str | Path, out: str | Path) -> Path:
+def merge_delta(base: str | Path, delta: str | Path, out: str | Path, *, delta_params: str | Path | None = None) -> Path:
     """``out = fp16(base + delta)`` tensor by tensor, as the official ``get_chinese_llama.py`` (rope keys skipped).
 
     The released ``7B.pth`` adapter needs this base (``7B_chinese`` = LLaMA-7B + Open-Chinese-LLaMA delta).
-    Writes ``consolidated.00.pth``, the delta's ``params.json`` and a marker file to ``out``.
+    ``delta`` is a folder (``consolidated.00.pth`` + ``params.json``) or the weights file itself, with
+    ``delta_params`` its ``params.json``. Writes ``consolidated.00.pth``, ``params.json`` and a marker file
+    to ``out``, each through a temporary name, the marker last: a folder with the marker is complete.
     """
     base, delta, out = Path(base), Path(delta), Path(out)
-    base_files, delta_files = meta_shards(base), meta_shards(delta)
+    base_files = meta_shards(base)
+    delta_files = meta_shards(delta) if delta.is_dir() else [delta]
     if len(base_files) != 1 or len(delta_files) != 1:
         raise ValueError(f"merge_delta expects single-shard 7B folders; got {len(base_files)} and {len(delta_files)}")
-    original = torch.load(base_files[0], map_location="cpu", mmap=True, weights_only=True)
-    diff = torch.load(delta_files[0], map_location="cpu", mmap=True, weights_only=True)
+    original = read_state_dict(base_files[0], what="LLaMA checkpoint", unwrap=False)
+    diff = read_state_dict(delta_files[0], what="delta checkpoint", unwrap=False)
     merged = {}
     for key, tensor in original.items():
         if "rope" in key:
@@ -199,9 +300,11 @@ def merge_delta(base: str | Path, delta: str | Path, out: str | Path) -> Path:
         if key not in diff or diff[key].shape != tensor.shape:
             raise CheckpointMismatchError(f"delta {delta_files[0]} has no tensor {key!r} of shape {tuple(tensor.shape)}")
         merged[key] = (tensor.float() + diff[key].float()).half()
+    params = next(p for p in (Path(delta_params) if delta_params else None, delta / "params.json",
+                              base / "params.json") if p is not None and p.is_file())
     out.mkdir(parents=True, exist_ok=True)
-    torch.save(merged, out / "consolidated.00.pth")
-    params = delta / "params.json" if (delta / "params.json").is_file() else base / "params.json"
-    (out / "params.json").write_text(params.read_text())
-    (out / BASE_MARKER).write_text(json.dumps({"base": str(base), "delta": str(delta)}, indent=2))
+    (out / BASE_MARKER).unlink(missing_ok=True)
+    _atomic(out / "consolidated.00.pth", lambda tmp: torch.save(merged, tmp))
+    _atomic(out / "params.json", lambda tmp: tmp.write_text(params.read_text()))
+    _atomic(out / BASE_MARKER, lambda tmp: tmp.write_text(json.dumps({"base": str(base), "delta": str(delta)}, indent=2)))
     return out

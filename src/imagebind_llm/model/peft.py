@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from imagebind_llm.llm.model import Transformer
+from imagebind_llm.llm.model import RMSNorm, Transformer
 from imagebind_llm.llm.quantized import QuantizedLinear, QuantizedWeight
 
 ATTENTION_PROJECTIONS = ("wq", "wk", "wv", "wo")
@@ -133,3 +133,27 @@ def merge_lora(llm: Transformer) -> None:
                     plain.weight = nn.Parameter(module.merged_weight(), requires_grad=False)
                     plain.bias = module.bias
                     setattr(parent, name, plain)
+
+
+# -------------------------------------------------------------------- what each stage trains
+def finetune_params(llm: Transformer, prefix: str = "llm.") -> dict[str, nn.Parameter]:
+    """Stage 2's trainable set, found by module type: RMSNorm weights, projection biases, LoRA weights."""
+    params = {}
+    for module_name, module in llm.named_modules():
+        name = f"{prefix}{module_name}." if module_name else prefix
+        if isinstance(module, RMSNorm):
+            params[name + "weight"] = module.weight
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            params[name + "bias"] = module.bias
+        if isinstance(module, LoRALinear):
+            params[name + "lora_a.weight"] = module.lora_a.weight
+            params[name + "lora_b.weight"] = module.lora_b.weight
+    return params
+
+
+def set_trainable(model: nn.Module, trainable: dict[str, nn.Parameter]) -> list[str]:
+    """``requires_grad`` on exactly the ``trainable`` parameters of ``model``; returns their names in order."""
+    chosen = {id(p) for p in trainable.values()}
+    for param in model.parameters():
+        param.requires_grad_(id(param) in chosen)
+    return [name for name, param in model.named_parameters() if id(param) in chosen]
