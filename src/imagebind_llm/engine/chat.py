@@ -1,38 +1,58 @@
-"""Multi-turn chat about media: the conversation is kept as text, the media feature stays injected."""
+"""Multi-turn chat through the engine: the conversation is kept as text, the media ride on every turn."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+from imagebind_llm.cache.blend import BlendOptions
+from imagebind_llm.engine.engine import Engine
+from imagebind_llm.engine.request import Request
+from imagebind_llm.llm.generate import SamplingOptions
 
-from imagebind_llm.llm.chat import ChatSession, choose_template
-from imagebind_llm.model.imagebind_llm import ImageBindLLM, MediaInputs
-from imagebind_llm.model.retrieval import FeatureRetriever
+log = logging.getLogger(__name__)
 
 
 @dataclass
-class MediaChatSession(ChatSession):
-    """A `ChatSession` whose every turn carries the same per-layer injections (``None``: plain text chat)."""
+class ChatSession:
+    """A conversation about ``media`` (``{modality: source}``, sources may be loaded tensors).
 
-    injections: list[torch.Tensor | None] | None = None
-
-    def respond(self, user: str, *, max_new_tokens: int = 256, **sampling: Any) -> Iterator[str]:
-        return super().respond(user, max_new_tokens=max_new_tokens, injections=self.injections, **sampling)
-
-
-def start_chat(model: ImageBindLLM, media: MediaInputs | None = None, *, template: str | None = None,
-               system: str | None = None, cache: FeatureRetriever | None = None, cache_top_k: int = 10,
-               cache_temperature: float = 20.0, cache_weight: float = 0.5) -> MediaChatSession:
-    """Open a conversation about ``media``; the media are encoded once, here.
-
-    Args:
-        template: prompt template name (see `imagebind_llm.llm.chat.choose_template`); None picks the
-            model's own chat template, else Alpaca (ImageBind-LLM's format).
+    When the conversation no longer fits the engine's context with the answer, the oldest exchanges are
+    dropped (the system message stays).
     """
-    injections = model.media_injections(media, cache, top_k=cache_top_k, temperature=cache_temperature,
-                                        weight=cache_weight)
-    return MediaChatSession(model.llm, model.tokenizer, choose_template(template, model.tokenizer), system=system,
-                            injections=injections)
+
+    engine: Engine
+    media: Mapping[str, Any] | None = None
+    weights: Mapping[str, float] | None = None
+    system: str | None = None
+    blend: BlendOptions = field(default_factory=BlendOptions)
+    history: list[dict[str, str]] = field(default_factory=list)
+
+    def request(self, user: str, sampling: SamplingOptions) -> Request:
+        """The engine request for the next turn (media parts in the first user message)."""
+        turns = [*self.history, {"role": "user", "content": user}]
+        first = Request.ask(turns[0]["content"], self.media, self.weights).messages[0]
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return Request(messages=[*system, first, *turns[1:]], sampling=sampling, blend=self.blend)
+
+    def respond(self, user: str, sampling: SamplingOptions | None = None) -> Iterator[str]:
+        """Yield the answer to ``user`` in pieces; then record the exchange."""
+        sampling = sampling or SamplingOptions()
+        while True:
+            request = self.request(user, sampling)
+            length = len(self.engine.tokenizer.encode(self.engine.template.render(request.text_messages())))
+            if length + sampling.max_new_tokens <= self.engine.max_context or not self.history:
+                break
+            log.info("conversation too long (%d tokens): dropping the oldest exchange", length)
+            self.history = self.history[2:]
+        pieces = []
+        for piece in self.engine.submit(request).stream():
+            pieces.append(piece)
+            yield piece
+        self.history += [{"role": "user", "content": user}, {"role": "assistant", "content": "".join(pieces).strip()}]
+
+    def reset(self) -> None:
+        """Forget the history (the system message and the media stay)."""
+        self.history = []

@@ -9,13 +9,10 @@ from typing import Any
 
 from .generate import stream
 from .model import Transformer
-from .templates import AlpacaTemplate, ChatTemplate, Message, get_template
+from .templates import ChatTemplate, Message, get_template
 from .tokenizer import BaseTokenizer
 
 logger = logging.getLogger(__name__)
-
-# The Alpaca format has no end-of-turn token: a model that goes on to invent the next instruction is cut there.
-_ALPACA_STOP_STRINGS = ("### Instruction:",)
 
 
 def choose_template(name: str | None, tokenizer: BaseTokenizer) -> ChatTemplate:
@@ -75,7 +72,7 @@ class ChatSession:
             sampling: ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty`` (see `generate`).
         """
         ids = self.prompt_ids(user, max_new_tokens)
-        stop_strings = _ALPACA_STOP_STRINGS if isinstance(self.template, AlpacaTemplate) else ()
+        stop_strings = getattr(self.template, "stop_strings", ())
         pieces = []
         for piece in stream(self.model, self.tokenizer, ids, max_new_tokens=max_new_tokens,
                             stop_token_ids=self.tokenizer.stop_ids, stop_strings=stop_strings, **sampling):

@@ -105,6 +105,8 @@ class AlpacaTemplate:
     """
 
     writes_bos: bool = False
+    # The format has no end-of-turn token: a model that goes on to invent the next instruction is cut there.
+    stop_strings: tuple[str, ...] = ("### Instruction:",)
 
     def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> str:
         system, turns = _split_system(messages)

@@ -1,0 +1,15 @@
+"""The engine: one loaded model serving requests with continuous batching, streaming, cancellation, a
+bounded queue, and log-likelihood scoring. The server, the evaluation and the applications use it.
+
+    engine = Engine(ibl.create_model())
+    handle = engine.submit(Request.ask("What is in the image?", {"image": "a.jpg"}))
+    for piece in handle.stream(): print(piece, end="")
+"""
+
+from .chat import ChatSession
+from .engine import Engine, EngineStopped, Handle, QueueFullError
+from .request import Request
+from .scoring import Score, loglikelihood, text_pairs
+
+__all__ = ["ChatSession", "Engine", "EngineStopped", "Handle", "QueueFullError", "Request", "Score", "loglikelihood",
+           "text_pairs"]

@@ -1,0 +1,144 @@
+"""The engine: continuous batching gives each request exactly what it gets alone; cancellation, the bounded
+queue, streaming, per-request errors, and log-likelihood scoring against the model's own logits."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import imagebind_llm as ibl
+from imagebind_llm.engine import Engine, QueueFullError, Request, loglikelihood
+from imagebind_llm.llm.generate import GREEDY
+
+MEDIA = Path(__file__).parent / "fixtures" / "media"
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The embedded demo with non-zero gates, so that media change the answers."""
+    model = ibl.create_model("demo", max_seq_len=512)
+    with torch.no_grad():
+        for gate in model.gates:
+            gate.fill_(0.5)
+    return model
+
+
+def _requests() -> list[Request]:
+    questions = ["Name a colour.", "What is 2+2?", "Say hello in French.", "List three fruits.", "Describe a cat.",
+                 "What is the capital of Italy?", "Write a haiku about rain.", "Why is the sky blue?"]
+    media = [None, {"image": MEDIA / "girl.jpg"}, {"audio": MEDIA / "dog_audio.wav"},
+             {"image": MEDIA / "car_image.jpg", "text": "a red car"}]
+    out = []
+    for i in range(16):
+        sampling = GREEDY.replace(max_new_tokens=6 + 3 * (i % 5))
+        if i % 4 == 0:
+            sampling = sampling.replace(stop_strings=(".", "e"))
+        if i % 5 == 2:
+            sampling = sampling.replace(repetition_penalty=1.3)
+        if i % 7 == 3:  # sampled rows draw from their own seeded generator
+            sampling = sampling.replace(temperature=0.8, top_p=0.9, seed=i)
+        out.append(Request.ask(questions[i % 8] + " " * (i // 8), media[i % 4], {"image": 0.7} if i % 4 == 3 else None,
+                               sampling=sampling))
+    return out
+
+
+def test_staggered_requests_get_exactly_what_they_get_alone(model):
+    requests = _requests()
+    alone = [Engine(model, background=False).generate(r) for r in requests]
+    engine = Engine(model, background=False, max_batch=4)
+    handles = []
+    for i, request in enumerate(requests):  # arrivals between decode steps, while other rows are mid-answer
+        handles.append(engine.submit(request))
+        for _ in range(i % 3):
+            engine.step()
+    assert engine.running == 4 and engine.waiting > 0
+    engine.run_until_idle()
+    for i, (h, a) in enumerate(zip(handles, alone)):
+        got = h.result()
+        assert (got.tokens, got.text, got.finish_reason) == (a.tokens, a.text, a.finish_reason), i
+    assert {h.result().finish_reason for h in handles} >= {"length", "stop"}
+
+
+def test_engine_matches_the_model_generate_path(model):
+    requests = _requests()[:4]  # text, image, audio, image + text
+    engine = Engine(model, background=False, max_batch=4)
+    got = [h.result().tokens for h in [engine.submit(r) for r in requests]]  # the engine owns the KV cache meanwhile
+    prompts = [engine.template.render(r.text_messages()) for r in requests]
+    for tokens, r, p in zip(got, requests, prompts):
+        want = model.generate([p], r.media(), sampling=r.sampling, stop_token_ids=sorted(model.tokenizer.stop_ids))[0]
+        assert tokens == want.tokens
+
+
+def test_cancelled_request_frees_its_row_at_once(model):
+    engine = Engine(model, background=False, max_batch=2)
+    long = GREEDY.replace(max_new_tokens=40, stop_token_ids=())
+    first, second, third = (engine.submit(Request.ask(q, sampling=long)) for q in ("One", "Two", "Three"))
+    engine.step()
+    assert (engine.running, engine.waiting) == (2, 1)
+    first.cancel()
+    engine.step()
+    assert (engine.running, engine.waiting) == (2, 0)  # the waiting request took the freed row
+    assert first.result().finish_reason == "cancelled" and len(first.result().tokens) <= 2
+    engine.run_until_idle()
+    assert second.result().tokens == Engine(model, background=False).generate(second.request).tokens
+    assert len(third.result().tokens) == 40
+
+
+def test_a_full_queue_refuses_with_a_clear_error(model):
+    engine = Engine(model, background=False, max_batch=1, max_queue=2)
+    engine.submit(Request.ask("a"))
+    engine.submit(Request.ask("b"))
+    with pytest.raises(QueueFullError, match=r"queue is full \(2 waiting requests\).*max_queue"):
+        engine.submit(Request.ask("c"))
+
+
+def test_a_bad_request_fails_alone(model):
+    engine = Engine(model, background=False, max_batch=4)
+    good = engine.submit(Request.ask("Hi", sampling=GREEDY.replace(max_new_tokens=4)))
+    bad = engine.submit(Request(messages=[{"role": "user", "content": [{"type": "smell", "smell": "x"}]}]))
+    missing = engine.submit(Request.ask("Hi", {"image": MEDIA / "nope.jpg"}))
+    engine.run_until_idle()
+    assert len(good.result().tokens) == 4
+    with pytest.raises(ValueError, match="unknown modality 'smell'"):
+        bad.result()
+    with pytest.raises(Exception, match="nope.jpg"):
+        missing.result()
+
+
+def test_background_thread_streams_pieces_that_make_the_result(model):
+    engine = Engine(model, max_batch=4)
+    try:
+        handles = [engine.submit(r) for r in _requests()[:6]]
+        streamed = ["".join(h.stream()) for h in handles]
+        assert streamed == [h.result().text for h in handles]
+    finally:
+        engine.stop()
+
+
+def test_loglikelihood_is_the_sum_of_the_per_token_logprobs(model):
+    tok = model.tokenizer
+    media = {"image": (ibl.load_media({"image": MEDIA / "girl.jpg"})["image"][0], 1.0)}
+    pairs = [(tok.encode("Q: what is shown? A:", bos=True), tok.encode(" a girl")),
+             (tok.encode("The sky is", bos=True), tok.encode(" blue today"))]
+    scores = loglikelihood(model, pairs, [media, None])
+    for (context, continuation), row_media, score in zip(pairs, [media, None], scores):
+        tokens = torch.tensor([context + continuation])
+        with torch.no_grad():
+            visual = model.encode_inputs(row_media) if row_media else None
+            logits = model.forward_logits(tokens, visual, 0)
+        logprobs = F.log_softmax(logits.float(), dim=-1)[0]
+        want = sum(float(logprobs[len(context) - 1 + j, t]) for j, t in enumerate(continuation))
+        assert abs(score.logprob - want) < 1e-5
+        greedy = all(int(logprobs[len(context) - 1 + j].argmax()) == t for j, t in enumerate(continuation))
+        assert score.greedy == greedy and score.tokens == len(continuation)
+
+
+def test_engine_scores_yes_no_through_the_prompt_template(model):
+    engine = Engine(model, background=False)
+    request = Request.ask("Is there a girl in the image? Answer yes or no.", {"image": MEDIA / "girl.jpg"})
+    yes, no = engine.loglikelihood([request, request], ["Yes", "No"])
+    prompt = engine.template.render(request.text_messages())
+    ids = model.tokenizer.encode(prompt + "Yes", bos=model.tokenizer.add_bos)
+    direct = loglikelihood(model, [(ids[:-1], ids[-1:])], [request.media()])[0]
+    assert abs(yes.logprob - direct.logprob) < 1e-5 and yes.logprob != no.logprob
