@@ -90,7 +90,7 @@ def test_mismatched_weights_are_one_line(capsys, tmp_path):
 def test_bad_sampling_option_is_one_line(capsys, tmp_path):
     tiny_hf_model(tmp_path)
     line = error_line(capsys, ["chat", "hi", "--model", str(tmp_path), "--temperature", "-1"])
-    assert "temperature=-1.0 must be >= 0" in line
+    assert "temperature=-1.0 must be a finite number >= 0" in line
     # ... and the same tiny model answers (Alpaca template, as it ships no chat template).
     assert main(["chat", "hi", "--model", str(tmp_path), "--max-new-tokens", "3", "--temperature", "0.7",
                  "--seed", "0"]) == 0

@@ -6,9 +6,12 @@ import pytest
 
 from imagebind_llm.cli import main
 from imagebind_llm.llm.templates import alpaca_prompt
-from imagebind_llm.model.factory import from_official
+from imagebind_llm.engine import ChatSession, Engine
+from imagebind_llm.llm.generate import GREEDY
+from imagebind_llm.model.factory import create_model
 from imagebind_llm.model.media import load_media, parse_weights
-from test_model import ADAPTER, FIXTURES, IO, small_encoder
+from test_factory import SMALL
+from test_model import ADAPTER, FIXTURES, IO
 
 MEDIA = FIXTURES / "media"
 
@@ -22,7 +25,7 @@ def small_config(tmp_path_factory):
 
 
 def test_alpaca_prompt_tokens_equal_the_official_prompt_ids():
-    model = from_official(ADAPTER / "llama" / "base", ADAPTER / "adapter_finetune.pth", small_encoder())
+    model = create_model(SMALL)
     ids = model.tokenizer.encode(alpaca_prompt("Describe the image in detail."), bos=True)
     assert ids == IO["results"]["finetune"]["prompt_ids"].tolist()
 
@@ -34,7 +37,7 @@ def test_ask_cli_matches_the_python_api(capsys, small_config):
             "--temperature", "0", "--max-new-tokens", "16", "Describe the image in detail."]
     assert main(argv) == 0
     printed = capsys.readouterr().out.strip()
-    model = from_official(ADAPTER / "llama" / "base", ADAPTER / "adapter_finetune.pth", small_encoder())
+    model = create_model(SMALL)
     media = load_media({"image": MEDIA / "girl.jpg", "audio": MEDIA / "girl_bgm.wav"}, parse_weights("image=0.4,audio=0.6"))
     expected = model.ask("Describe the image in detail.", media, temperature=0, max_new_tokens=16,
                          stop_strings=("### Instruction:",))
@@ -83,21 +86,21 @@ def test_weights_list_and_fetch_of_a_local_file(capsys, tmp_path):
 
 
 def test_multi_turn_chat_keeps_the_media_injected():
-    from imagebind_llm.model.chat import start_chat
-
-    model = from_official(ADAPTER / "llama" / "base", ADAPTER / "adapter_finetune.pth", small_encoder())
-    media = load_media({"image": MEDIA / "girl.jpg"})
-    session = start_chat(model, media)
-    first = "".join(session.respond("Describe the image in detail.", max_new_tokens=8, temperature=0)).strip()
-    second = "".join(session.respond("And the colours?", max_new_tokens=8, temperature=0))
+    model = create_model(SMALL)
+    engine = Engine(model, background=False, template="alpaca")
+    session = ChatSession(engine, {"image": MEDIA / "girl.jpg"})
+    first = "".join(session.respond("Describe the image in detail.", GREEDY.replace(max_new_tokens=8))).strip()
+    second = "".join(session.respond("And the colours?", GREEDY.replace(max_new_tokens=8)))
     # the second turn is the whole conversation as text, generated with the same media injected
-    prompt = session.template.render(session.messages()[:-1])
+    prompt = engine.template.render([*session.history[:2], {"role": "user", "content": "And the colours?"}])
+    media = load_media({"image": MEDIA / "girl.jpg"})
     expected = model.generate([prompt], media, temperature=0, max_new_tokens=8,
                               stop_token_ids=model.tokenizer.stop_ids, stop_strings=("### Instruction:",))[0].text
     assert session.history[0]["content"] == "Describe the image in detail." and session.history[1]["content"] == first
     assert second == expected
-    assert "".join(start_chat(model, None).respond("And the colours?", max_new_tokens=8, temperature=0)) != \
-        "".join(start_chat(model, media).respond("And the colours?", max_new_tokens=8, temperature=0))
+    blind = ChatSession(engine)
+    assert "".join(blind.respond("And the colours?", GREEDY.replace(max_new_tokens=8))) != \
+        "".join(ChatSession(engine, {"image": MEDIA / "girl.jpg"}).respond("And the colours?", GREEDY.replace(max_new_tokens=8)))
 
 
 def test_help_lists_every_command(capsys):

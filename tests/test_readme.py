@@ -12,5 +12,5 @@ def test_readme_python_example_runs(monkeypatch, capsys):
     namespace: dict = {}
     exec(compile(block, "README.md", "exec"), namespace)
     assert capsys.readouterr().out.strip()
-    assert len(namespace["outs"]) == 2 and all(o.tokens for o in namespace["outs"])
-    assert tuple(namespace["visual"].shape) == (1, 1, namespace["model"].llm.config.dim)
+    assert namespace["handle"].result().finish_reason == "length" and len(namespace["handle"].result().tokens) == 8
+    assert namespace["yes"].logprob < 0 and namespace["yes"].logprob != namespace["no"].logprob
