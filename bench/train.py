@@ -18,7 +18,6 @@ base is frozen; LoRA weight gradients are negligible) plus, without the cache, t
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -26,11 +25,7 @@ from pathlib import Path
 import torch
 
 from imagebind_llm.encoders import ImageBind, ImageBindConfig
-from imagebind_llm.llm.weights import load_llm
-from imagebind_llm.llm.weights.common import build_model
-from imagebind_llm.llm.weights.meta import load_meta_state_dict
-from imagebind_llm.model.factory import DEMO_ENCODER
-from imagebind_llm.model.imagebind_llm import AdapterConfig, ImageBindLLM
+from imagebind_llm.model import ImageBindLLM, ModelSpec, create_model
 from imagebind_llm.train.loop import TrainStep, train_step
 from imagebind_llm.train.optim import build_optimizer
 
@@ -39,20 +34,20 @@ STAGES = {1: ("pretrain", 96), 2: ("finetune", 512)}
 
 
 def build(config: str, encoder_size: str, phase: str) -> ImageBindLLM:
-    """``tiny``: the fixture LLaMA (dim 64) + small ImageBind; ``demo``: SmolLM2-135M + a small ImageBind."""
-    torch.manual_seed(0)
+    """``tiny``: the fixture LLaMA (dim 64) + small ImageBind; ``demo``: SmolLM2-135M + a small ImageBind.
+    ``encoder_size="huge"`` swaps in a randomly initialised ImageBind-huge (no point branch)."""
+    huge = encoder_size == "huge"
     if config == "tiny":
-        llm_config, state = load_meta_state_dict(FIXTURES / "adapter" / "llama" / "base", max_seq_len=512)
-        llm = build_model(llm_config, state, FIXTURES / "adapter")
-        kwargs = json.loads((FIXTURES / "imagebind" / "imagebind_small.json").read_text())["ImageBindModel_kwargs"]
-        encoder_config = ImageBindConfig.from_dict({**kwargs, "with_point": False})
+        spec = ModelSpec(llm=FIXTURES / "adapter" / "llama" / "base", phase=phase,
+                         imagebind=None if huge else FIXTURES / "imagebind" / "imagebind_small.pth",
+                         imagebind_config=FIXTURES / "imagebind" / "imagebind_small.json")
     else:
-        llm = load_llm(None).model
-        encoder_config = ImageBindConfig.huge(**DEMO_ENCODER)
-    if encoder_size == "huge":
-        encoder_config = ImageBindConfig.huge(with_point=False)
-    encoder = ImageBind(encoder_config).eval()
-    return ImageBindLLM(llm, encoder, AdapterConfig(feature_dim=encoder_config.out_embed_dim, phase=phase))
+        spec = ModelSpec(name="demo", phase=phase)
+    spec = spec.replace(quantized=False)  # training multiplies by dense weights, as the recipes do
+    model = create_model(spec.replace(feature_dim=1024) if huge else spec)
+    if huge:
+        model.encoder = ImageBind(ImageBindConfig.huge(with_point=False)).eval().requires_grad_(False)
+    return model
 
 
 def model_flops(model: ImageBindLLM, tokens: int, images: int) -> float:

@@ -1,4 +1,5 @@
-"""Cache building from images: sharding, interruption and resumption, torchrun-style ranks, the CLI."""
+"""Cache building from images: the shard store (sharding, interruption and resumption, torchrun-style ranks,
+the reader), the index built from it, the CLI."""
 
 import argparse
 import hashlib
@@ -8,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imagebind_llm.cache import CacheError, FeatureCache, build_cache, extract_features, merge_shards
+from imagebind_llm.cache import CacheError, FeatureCache, build_cache, merge_shards
 from imagebind_llm.cache.cli import add_cache_subcommands
+from imagebind_llm.cache.shards import FeatureStore, extract_features, list_images
 
 DIM = 16
 
@@ -56,7 +58,7 @@ def test_interrupted_build_resumes_without_redoing_shards(tmp_path):
     np.testing.assert_array_equal(resumed.index.reconstruct_n(0, 250), full.index.reconstruct_n(0, 250))
     assert (tmp_path / "resumed" / "index.faiss").read_bytes() == (tmp_path / "full" / "index.faiss").read_bytes()
     q = full.index.reconstruct_n(0, 3) * 0.5
-    np.testing.assert_array_equal(resumed(q), full(q))
+    np.testing.assert_array_equal(resumed.blend(q), full.blend(q))
 
 
 def test_resume_with_other_sources_is_refused(tmp_path):
@@ -92,11 +94,22 @@ def test_ranks_split_shards_and_merge_matches_single_process(tmp_path):
     np.testing.assert_array_equal(merged.index.reconstruct_n(0, 250), single.index.reconstruct_n(0, 250))
 
 
-def test_merge_refuses_unfinished_builds(tmp_path):
+def test_merge_and_reader_refuse_unfinished_builds(tmp_path):
     extract_features(SOURCES, tmp_path / "c", fake_encoder(), encoder="fake-enc", shard_size=40,
                      rank=0, world_size=2, progress=False)
     with pytest.raises(CacheError, match="not finished"):
         merge_shards(tmp_path / "c")
+    with pytest.raises(CacheError, match="not finished"):
+        FeatureStore(tmp_path / "c")
+    with pytest.raises(FileNotFoundError, match="cache extract"):
+        FeatureStore(tmp_path / "nothing")
+
+
+def test_the_reader_sees_the_rows_the_cache_indexed(tmp_path):
+    cache = build_cache(tmp_path / "c", images=SOURCES, encode_images=fake_encoder(), **OPTS)
+    store = FeatureStore(tmp_path / "c", SOURCES)
+    assert (len(store), store.dim, store.encoder, store.sources) == (250, DIM, "fake-enc", SOURCES)
+    np.testing.assert_array_equal(np.stack([store[i] for i in range(250)]), cache.index.reconstruct_n(0, 250))
 
 
 def test_ivf_build_from_images_is_reproducible(tmp_path):
@@ -136,8 +149,6 @@ def test_cli_build_info_query(tmp_path, capsys):
 
 
 def test_list_images_from_folder_and_file(tmp_path):
-    from imagebind_llm.cache.build import list_images
-
     (tmp_path / "d" / "sub").mkdir(parents=True)
     for name in ("b.jpg", "a.PNG", "sub/c.jpeg", "notes.txt"):
         (tmp_path / "d" / name).write_bytes(b"")

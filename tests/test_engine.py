@@ -142,3 +142,39 @@ def test_engine_scores_yes_no_through_the_prompt_template(model):
     ids = model.tokenizer.encode(prompt + "Yes", bos=model.tokenizer.add_bos)
     direct = loglikelihood(model, [(ids[:-1], ids[-1:])], [request.media()])[0]
     assert abs(yes.logprob - direct.logprob) < 1e-5 and yes.logprob != no.logprob
+
+
+def test_precomputed_features_give_the_same_answer_as_the_media(model):
+    engine = Engine(model, background=False)
+    request = Request.ask("Describe it.", {"image": MEDIA / "girl.jpg", "audio": MEDIA / "girl_bgm.wav"},
+                          {"image": 0.3, "audio": 0.7}, sampling=GREEDY.replace(max_new_tokens=8))
+    features = engine.encode(request)
+    assert features.shape == (1, model.config.feature_dim)
+    again = Request(messages=[{"role": "user", "content": "Describe it."}], sampling=request.sampling, features=features)
+    assert engine.generate(again).tokens == engine.generate(request).tokens
+    with pytest.raises(ValueError, match=r"features must be \[1, 1024\]"):
+        engine.generate(Request.ask("x", features=torch.zeros(2, 1024)))
+
+
+def test_a_failing_step_fails_the_running_requests_and_the_engine_goes_on(model, monkeypatch):
+    engine = Engine(model, background=False, max_batch=2)
+    running = engine.submit(Request.ask("Hi", sampling=GREEDY.replace(max_new_tokens=4)))
+    original = model.llm.forward
+    monkeypatch.setattr(model.llm, "forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    engine.step()
+    monkeypatch.setattr(model.llm, "forward", original)
+    with pytest.raises(RuntimeError, match="boom"):
+        running.result()
+    assert engine.running == 0
+    assert len(engine.generate(Request.ask("Hi", sampling=GREEDY.replace(max_new_tokens=4))).tokens) == 4
+
+
+def test_media_for_a_model_without_encoder_fail_alone():
+    model = ibl.create_model(ibl.ModelSpec(max_seq_len=128))  # plain SmolLM2, no ImageBind
+    engine = Engine(model, background=False)
+    bad = engine.submit(Request.ask("Hi", {"image": MEDIA / "girl.jpg"}))
+    good = engine.submit(Request.ask("Hi", sampling=GREEDY.replace(max_new_tokens=3)))
+    engine.run_until_idle()
+    assert len(good.result().tokens) == 3
+    with pytest.raises(ValueError, match="no ImageBind encoder"):
+        bad.result()

@@ -78,7 +78,9 @@ def test_short_audio_is_padded(tmp_path):
     valid = 1 + (8000 - 400) // 160  # fbank frames of 0.5 s at 16 kHz
     torch.testing.assert_close(out[..., valid:], torch.full_like(out[..., valid:], PAD_VALUE))
     assert (out[..., :valid] != PAD_VALUE).any()
-    torch.testing.assert_close(out[0, 0], out[0, 2])  # identical clips
+    # identical clips, up to rounding: they share samples, and the official in-place mean removal leaves the
+    # later clip shifted by the earlier one's float-rounded mean (a 1e-5 change of some log-mel values here)
+    torch.testing.assert_close(out[0, 0], out[0, 2], atol=1e-4, rtol=1e-4)
 
 
 def test_multichannel_copies_equal_mono(tmp_path):

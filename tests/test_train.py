@@ -16,9 +16,10 @@ from PIL import Image
 
 from imagebind_llm.llm.templates import alpaca_prompt
 from imagebind_llm.llm.weights import load_llm
+from imagebind_llm.model.convert import official_adapter_state_dict
 from imagebind_llm.model.factory import load_pretrained
 from imagebind_llm.preprocess import load_images
-from imagebind_llm.train import load_config, stage1, stage2
+from imagebind_llm.train import TrainConfig, load_config, stage1, stage2
 from imagebind_llm.train.checkpoint import find_checkpoint
 from imagebind_llm.train.data import CAPTION_PROMPT, encode_segments
 from imagebind_llm.train.loop import lm_loss
@@ -116,7 +117,7 @@ def test_stage1_exports_load_back_into_both_formats(stage1_run, files):
     reloaded = load_pretrained(out / "pretrained", files["base"], IMAGEBIND / "imagebind_small.pth")
     assert caption_of(reloaded, files, "blue") == CAPTIONS["blue"]
     official = torch.load(out / "adapter.pth", weights_only=True)["model"]
-    expected = result.model.official_adapter_state_dict()
+    expected = official_adapter_state_dict(result.model)
     assert set(official) == set(expected)
     for name, tensor in official.items():
         torch.testing.assert_close(tensor, expected[name].cpu(), atol=0, rtol=0)
@@ -141,7 +142,7 @@ def test_stage2_from_the_stage1_adapter_follows_instructions(stage1_run, files, 
 
 def test_interrupted_run_resumes_exactly(files, tmp_path):
     """Stop after 4 of 9 steps (mid-epoch), resume from the run folder: same losses and final weights."""
-    def config(out: Path, **extra) -> dict:
+    def config(out: Path, **extra) -> TrainConfig:
         return load_config(2, None, tiny_overrides([files["instruct"]], out, ADAPTER / "llama" / "base", **{
             "data.image_root": files["root"], "model.adapter": ADAPTER / "adapter_pretrain.pth", "train.epochs": 3,
             "optim.lr": 1e-2, "train.batch_size": 2, "train.save_every": 2, **extra}))

@@ -1,7 +1,10 @@
-"""Training data formats, the official sample layout, batching order, configs and the feature store."""
+"""Training data formats, the official sample layout, batching order, the typed config, and training from
+the shard store of `imagebind_llm.cache.shards` (with and without the cache blend)."""
 
+import argparse
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -10,18 +13,23 @@ import pytest
 import torch
 from PIL import Image
 
+from imagebind_llm.cache import FeatureCache
+from imagebind_llm.cache.cli import add_cache_subcommands
+from imagebind_llm.cache.shards import FeatureStore, extract_image_features
 from imagebind_llm.llm.templates import ALPACA_HEADER_WITH_INPUT, alpaca_prompt
 from imagebind_llm.llm.tokenizer import load_tokenizer
+from imagebind_llm.model.media import MIX_EPS
 from imagebind_llm.preprocess import load_images
 from imagebind_llm.train import ConfigError, load_config, stage1
 from imagebind_llm.train.data import (
     CAPTION_PROMPT, DataFormatError, TrainDataset, batch_order, collate, image_sources, read_examples,
 )
-from imagebind_llm.train.features import FeatureStore, extract
-from imagebind_llm.train.loop import TrainStep
+from imagebind_llm.train.loop import TrainStep, cache_retrieve, lm_loss
 from test_model import official_model, small_encoder
 
 FIXTURES = Path(__file__).parent / "fixtures"
+IMAGEBIND = {"imagebind": FIXTURES / "imagebind" / "imagebind_small.pth",
+             "config": FIXTURES / "imagebind" / "imagebind_small.json"}
 TOKENIZER = load_tokenizer(FIXTURES / "adapter" / "llama" / "tokenizer.model")
 
 
@@ -173,14 +181,12 @@ def test_processes_see_the_chunks_of_one_process_with_accumulation():
 
 def test_config_defaults_overrides_and_errors(tmp_path):
     stage1_cfg, stage2_cfg = load_config(1), load_config(2)
-    assert (stage1_cfg["optim"]["blr"], stage1_cfg["optim"]["weight_decay"], stage1_cfg["data"]["max_words"]) \
-        == (1e-4, 0.05, 96)
-    assert (stage2_cfg["optim"]["blr"], stage2_cfg["optim"]["weight_decay"], stage2_cfg["data"]["max_words"]) \
-        == (1e-3, 0.02, 512)
-    assert stage1_cfg["optim"]["betas"] == [0.9, 0.95] and stage1_cfg["optim"]["clip_grad"] is None
+    assert (stage1_cfg.optim.blr, stage1_cfg.optim.weight_decay, stage1_cfg.data.max_words) == (1e-4, 0.05, 96)
+    assert (stage2_cfg.optim.blr, stage2_cfg.optim.weight_decay, stage2_cfg.data.max_words) == (1e-3, 0.02, 512)
+    assert stage1_cfg.optim.betas == [0.9, 0.95] and stage1_cfg.optim.clip_grad is None
     (tmp_path / "my.yaml").write_text("optim:\n  lr: 0.5\ndata:\n  train: a.tsv\n")
     cfg = load_config(1, tmp_path / "my.yaml", ["optim.lr=1e-3", "data.train=[x.tsv,y.tar]", "train.max_steps=7"])
-    assert cfg["optim"]["lr"] == 1e-3 and cfg["data"]["train"] == ["x.tsv", "y.tar"] and cfg["train"]["max_steps"] == 7
+    assert cfg.optim.lr == 1e-3 and cfg.data.train == ["x.tsv", "y.tar"] and cfg.train.max_steps == 7
     with pytest.raises(ConfigError, match="optim.lrr"):
         load_config(1, None, ["optim.lrr=1"])
     with pytest.raises(ConfigError, match="choose one of"):
@@ -190,6 +196,42 @@ def test_config_defaults_overrides_and_errors(tmp_path):
     (tmp_path / "s2.yaml").write_text("stage: 2\n")
     with pytest.raises(ConfigError, match="train stage2"):
         load_config(1, tmp_path / "s2.yaml")
+
+
+def test_typed_config_parses_overrides_by_field_type(tmp_path):
+    (tmp_path / "my.yaml").write_text("optim:\n  lr: 1e-3\n")  # YAML 1.1 reads 1e-3 as a string
+    cfg = load_config(2, tmp_path / "my.yaml", [
+        "train.progress=false", "optim.warmup_epochs=2", "data.train=one.json", "model.adapter=null",
+        f"model.cache={tmp_path}", "model.cache_top_k=5", "model.cache_weight=0.25", "optim.eps=5E-9"])
+    assert cfg.optim.lr == 1e-3 and cfg.optim.eps == 5e-9 and cfg.train.progress is False
+    assert isinstance(cfg.optim.warmup_epochs, float) and cfg.data.train == ["one.json"] and cfg.model.adapter is None
+    options = cfg.model.blend_options()
+    assert (options.top_k, options.temperature, options.weight) == (5, None, 0.25)  # None: the cache's default
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.batch_size=four"], "train.batch_size must be a whole number"),
+    (["train.epochs=2.5"], "train.epochs must be a whole number"),
+    (["optim.lr=fast"], "optim.lr must be a finite number or null"),
+    (["train.progress=maybe"], "train.progress must be true or false"),
+    (["optim.accum_iter=0"], "optim.accum_iter must be > 0"),
+    (["optim.betas=[0.9]"], "optim.betas must be two numbers"),
+    (["optim.warmup_epochs=9"], "optim.warmup_epochs=9.0 must be in"),
+    (["model.cache_top_k=3"], "model.cache_top_k is set but model.cache"),
+    (["model.cache=c", "model.cache_weight=1.5"], "model.cache_weight: cache weight must be in [0, 1]"),
+    (["stage=2"], "stage is 2 in a stage-1 run"),
+])
+def test_a_bad_config_value_names_its_key(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(1, None, overrides)
+
+
+def test_stage_defaults_differ_only_where_the_stages_differ():
+    one, two = load_config(1).to_dict(), load_config(2).to_dict()
+    differing = {f"{section}.{key}" for section in ("model", "data", "optim", "train")
+                 for key in one[section] if one[section][key] != two[section][key]}
+    assert differing == {"data.max_words", "optim.blr", "optim.weight_decay", "optim.warmup_epochs",
+                         "train.epochs", "train.output_dir"}
 
 
 def test_bad_data_is_a_clear_error(tmp_path):
@@ -205,17 +247,31 @@ def test_bad_data_is_a_clear_error(tmp_path):
         read_examples([Path(__file__)])
 
 
-def test_feature_store_trains_stage1_without_the_encoder(tmp_path):
+def colour_captions(root: Path) -> list:
+    """Four solid-colour images with a caption each (``c.tsv``); returns the examples."""
     rows = ["url\tcaption"]
     for i, rgb in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]):
-        write_image(tmp_path / f"{i}.png", rgb)
+        write_image(root / f"{i}.png", rgb)
         rows.append(f"{i}.png\tcolour {i}")
-    (tmp_path / "c.tsv").write_text("\n".join(rows) + "\n")
-    examples = read_examples([tmp_path / "c.tsv"], tmp_path)
+    (root / "c.tsv").write_text("\n".join(rows) + "\n")
+    return read_examples([root / "c.tsv"], root)
+
+
+def stage1_from_features(root: Path, features: Path, *extra: str):
+    return load_config(1, None, [
+        f"model.llm={FIXTURES / 'adapter' / 'llama' / 'base'}", f"data.train=[{root / 'c.tsv'}]",
+        f"data.image_root={root}", f"data.features={features}", "data.max_words=400",
+        "data.num_workers=0", "train.device=cpu", "train.progress=false", f"train.output_dir={root / 'run'}",
+        "train.batch_size=2", "train.epochs=6", "optim.lr=1e-2", "optim.warmup_epochs=1", *extra])
+
+
+def test_feature_store_trains_stage1_without_the_encoder(tmp_path):
+    examples = colour_captions(tmp_path)
     model = official_model("pretrain", small_encoder())
     sources = image_sources(examples)
-    assert extract(model.encoder, sources, tmp_path / "feats", shard_size=3, batch_size=2, progress=False) == [0, 1]
-    assert extract(model.encoder, sources, tmp_path / "feats", shard_size=3, progress=False) == []  # all done
+    assert extract_image_features(sources, tmp_path / "feats", **IMAGEBIND, shard_size=3, batch_size=2,
+                                  progress=False) == [0, 1]
+    assert extract_image_features(sources, tmp_path / "feats", **IMAGEBIND, shard_size=3, progress=False) == []
     store = FeatureStore(tmp_path / "feats", sources)
     images = load_images(sources)
     with torch.no_grad():
@@ -230,21 +286,50 @@ def test_feature_store_trains_stage1_without_the_encoder(tmp_path):
         from_images = step(batch["tokens"], batch["labels"], batch["has_media"], images=images[1:3])
     torch.testing.assert_close(from_features, from_images, rtol=1e-5, atol=1e-6)
 
-    config = load_config(1, None, [
-        f"model.llm={FIXTURES / 'adapter' / 'llama' / 'base'}", f"data.train=[{tmp_path / 'c.tsv'}]",
-        f"data.image_root={tmp_path}", f"data.features={tmp_path / 'feats'}", "data.max_words=400",
-        "data.num_workers=0", "train.device=cpu", "train.progress=false", f"train.output_dir={tmp_path / 'run'}",
-        "train.batch_size=2", "train.epochs=6", "optim.lr=1e-2", "optim.warmup_epochs=1"])
-    result = stage1.run(config)
+    result = stage1.run(stage1_from_features(tmp_path, tmp_path / "feats"))
     assert result.model.encoder is None and result.model.config.feature_dim == 32
     assert np.mean(result.losses[-2:]) < np.mean(result.losses[:2])
     with pytest.raises(ValueError, match="other images"):
         FeatureStore(tmp_path / "feats", sources[::-1])
 
 
-def test_cli_extracts_features_then_trains_stage1_from_them(tmp_path, capsys):
-    import argparse
+def test_cache_extract_feeds_the_cache_build_and_stage1_training(tmp_path, capsys):
+    """One `cache extract` store: `cache build --images` indexes its shards without encoding again, stage 1
+    trains from the same rows (`data.features`), and with `model.cache` through the cache blend."""
+    examples = colour_captions(tmp_path)
+    (tmp_path / "images.txt").write_text("\n".join(image_sources(examples)))
+    parser = argparse.ArgumentParser()
+    add_cache_subcommands(parser.add_subparsers())
+    encoder = ["--imagebind", str(IMAGEBIND["imagebind"]), "--config", str(IMAGEBIND["config"])]
+    listing = ["--images", str(tmp_path / "images.txt"), "--out", str(tmp_path / "store"), "--no-progress"]
+    args = parser.parse_args(["cache", "extract", *listing, *encoder, "--shard-size", "3"])
+    assert args.func(args) == 0 and json.loads(capsys.readouterr().out)["shards_encoded"] == [0, 1]
+    args = parser.parse_args(["cache", "build", *listing, "--config", str(IMAGEBIND["config"]), "--shard-size", "3",
+                              "--index", "Flat"])  # no --imagebind: the shards are done, nothing is encoded
+    assert args.func(args) == 0
 
+    cache, store = FeatureCache.load(tmp_path / "store"), FeatureStore(tmp_path / "store", image_sources(examples))
+    rows = np.stack([store[i] for i in range(len(store))])
+    np.testing.assert_array_equal(cache.index.reconstruct_n(0, len(cache)), rows)
+    assert cache.sources == store.sources and cache.meta.encoder == store.encoder == "imagebind_small"
+
+    config = stage1_from_features(tmp_path, tmp_path / "store", f"model.cache={tmp_path / 'store'}",
+                                  "model.cache_top_k=2", "model.cache_weight=0.5")
+    model = official_model("pretrain", None)
+    retrieve = cache_retrieve(config.model, model, store.encoder)
+    features = torch.from_numpy(rows[:2])
+    tokens, labels = torch.tensor([[1, 20, 30, 40], [1, 50, 60, 70]]), torch.tensor([[0, 0, 30, 40], [0, 0, 60, 70]])
+    blended = cache.blend(features / (1 + MIX_EPS), top_k=2, weight=0.5)
+    with torch.no_grad():
+        through_step = TrainStep(model, retrieve)(tokens, labels, features=features)
+        by_hand = model(tokens, model.bind(blended.unsqueeze(1)))
+    torch.testing.assert_close(through_step, lm_loss(by_hand, labels))
+    assert not torch.allclose(blended, features)  # the blend moved the features
+    result = stage1.run(config)
+    assert result.step == 12 and np.isfinite(result.losses).all()
+
+
+def test_cli_extracts_features_then_trains_stage1_from_them(tmp_path, capsys):
     from imagebind_llm.train.cli import add_train_subcommands
 
     parser = argparse.ArgumentParser()
@@ -260,7 +345,7 @@ def test_cli_extracts_features_then_trains_stage1_from_them(tmp_path, capsys):
         f"data:\n  train: [{tmp_path / 'c.tsv'}]\n  image_root: {tmp_path}\n  max_words: 400\n  num_workers: 0\n"
         f"train:\n  device: cpu\n  progress: false\n  batch_size: 2\n  epochs: 2\n  output_dir: {tmp_path / 'run'}\n")
     args = parser.parse_args(["train", "extract-features", "--config", str(tmp_path / "run.yaml"),
-                              "--out", str(tmp_path / "feats"), "--shard-size", "3"])
+                              "--out", str(tmp_path / "feats"), "--shard-size", "3", "--no-progress"])
     assert args.func(args) == 0
     assert json.loads(capsys.readouterr().out)["shards_encoded"] == [0, 1]
     args = parser.parse_args(["train", "stage1", "--config", str(tmp_path / "run.yaml"), "--set",

@@ -26,12 +26,12 @@ def test_eight_steps_reproduce_the_official_trajectory(phase, encoder):
     config = load_config(1 if phase == "pretrain" else 2, None, [  # the recipe configured like the official run
         f"optim.lr={hyper['lr']}", f"optim.weight_decay={hyper['weight_decay']}", f"optim.min_lr={hyper['min_lr']}",
         f"optim.warmup_epochs={hyper['warmup_epochs']}", f"train.epochs={hyper['epochs']}"])
-    optim = config["optim"]
-    assert optim["betas"] == hyper["betas"] and optim["clip_grad"] is hyper["grad_clip"]
+    optim = config.optim
+    assert optim.betas == hyper["betas"] and optim.clip_grad is hyper["grad_clip"]
     model = official_model(phase, encoder).train()
     module = TrainStep(model)
-    optimizer = build_optimizer(module, optim["lr"], optim["weight_decay"], optim["betas"], optim["eps"])
-    schedule = WarmupCosine(optim["lr"], optim["min_lr"], optim["warmup_epochs"], config["train"]["epochs"])
+    optimizer = build_optimizer(module, optim.lr, optim.weight_decay, optim.betas, optim.eps)
+    schedule = WarmupCosine(optim.lr, optim.min_lr, optim.warmup_epochs, config.train.epochs)
     per_epoch = hyper["steps_per_epoch"]
     losses, lrs = [], []
     for epoch in range(hyper["epochs"]):

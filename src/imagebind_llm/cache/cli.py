@@ -1,4 +1,4 @@
-"""``imagebind-llm cache build|info|query``: argparse wiring for the feature cache.
+"""``imagebind-llm cache extract|build|info|query``: argparse wiring for the feature cache.
 
 The main CLI calls `add_cache_subcommands(subparsers)`; each leaf parser sets ``func``, which
 takes the parsed arguments and returns an exit code.
@@ -9,28 +9,41 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from imagebind_llm.cache import index as index_lib
-from imagebind_llm.cache.build import build_cache, list_images, read_sources
+from imagebind_llm.cache.build import build_cache, read_sources
 from imagebind_llm.cache.feature_cache import DEFAULT_ENCODER, FeatureCache
+from imagebind_llm.cache.shards import encoder_name, extract_image_features, image_encoder, list_images
 
 log = logging.getLogger(__name__)
 
 
 def add_cache_subcommands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``cache`` with its ``build``, ``info`` and ``query`` subcommands to a CLI."""
-    cache = subparsers.add_parser("cache", help="build, inspect and query the retrieval feature cache")
+    """Add ``cache`` with its ``extract``, ``build``, ``info`` and ``query`` subcommands to a CLI."""
+    cache = subparsers.add_parser("cache", help="encode images, build, inspect and query the retrieval feature cache")
     sub = cache.add_subparsers(dest="cache_command", required=True)
+
+    e = sub.add_parser("extract", help="encode images with ImageBind into a feature shard store (resumable)",
+                       description="Encode images once into OUT/features (sharded; re-running resumes; under "
+                       "torchrun each process encodes its share). The store feeds `cache build --images` with "
+                       "the same --out, and stage-1 training (--set data.features=OUT).",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("--images", required=True, help="folder of images (recursive) or a text file of image sources "
+                   "(paths or archive.tar::member), one per line")
+    e.add_argument("--out", required=True, help="store folder to write")
+    _add_encoder_args(e)
+    add_shard_args(e)
+    e.set_defaults(func=run_extract)
 
     b = sub.add_parser("build", help="build a cache folder from images, .npy feature shards or a FAISS index",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = b.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", help="folder of images (recursive) or a text file of image paths; resumable, "
-                     "and under torchrun each rank encodes its shards")
+    src.add_argument("--images", help="folder of images (recursive) or a text file of image sources: encoded into "
+                     "OUT/features as `cache extract` does (resumable; after a finished extract, --imagebind "
+                     "is not needed), then indexed")
     src.add_argument("--features", nargs="+", help=".npy feature shards [n, D] (float32/float16, unit-norm)")
     src.add_argument("--faiss-index", help="an inner-product FAISS index file, e.g. the official knn.index")
     b.add_argument("--out", required=True, help="cache folder to write")
@@ -43,9 +56,7 @@ def add_cache_subcommands(subparsers: argparse._SubParsersAction) -> argparse.Ar
     b.add_argument("--nprobe", type=int, default=32, help="IVF lists searched per query")
     b.add_argument("--keep-vectors", default="auto", choices=["auto", "float16", "float32", "none"],
                    help="keep a vector copy for the blend (auto: float16 when the index codes are 8-bit)")
-    b.add_argument("--shard-size", type=int, default=4096, help="images per feature shard (unit of resumption)")
-    b.add_argument("--batch-size", type=int, default=32, help="images per encoder call")
-    b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_shard_args(b)
     b.set_defaults(func=run_build)
 
     i = sub.add_parser("info", help="print a cache's metadata, counts, index type and sizes")
@@ -66,20 +77,38 @@ def add_cache_subcommands(subparsers: argparse._SubParsersAction) -> argparse.Ar
 
 
 def _add_encoder_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--imagebind", help="official ImageBind weights (imagebind_huge.pth / imagebind_w3D.pth) for --image(s)")
+    p.add_argument("--imagebind", help="official ImageBind weights (imagebind_huge.pth / imagebind_w3D.pth, or a "
+                   "registry name) for --image(s)")
     p.add_argument("--config", default="huge", help="ImageBind config: 'huge' or a JSON file of ImageBindModel kwargs")
     p.add_argument("--device", default="cpu", help="device of the image encoder")
+
+
+def add_shard_args(p: argparse.ArgumentParser) -> None:
+    """The shard store options of ``cache extract`` / ``cache build --images`` (also ``train extract-features``)."""
+    p.add_argument("--shard-size", type=int, default=4096, help="images per feature shard (unit of resumption)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per encoder call")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    sources = list_images(args.images)
+    done = extract_image_features(sources, args.out, imagebind=args.imagebind, config=args.config,
+                                  device=args.device, shard_size=args.shard_size, batch_size=args.batch_size,
+                                  progress=not args.no_progress)
+    print(json.dumps({"images": len(sources), "shards_encoded": done, "out": args.out}))
+    return 0
 
 
 def run_build(args: argparse.Namespace) -> int:
     options = dict(factory=args.factory, storage=args.storage, nprobe=args.nprobe,
                    keep_vectors=None if args.keep_vectors == "none" else args.keep_vectors,
                    memory_budget=int(args.memory_budget_gb * 2**30) if args.memory_budget_gb else None)
-    encoder = args.encoder or (_config_name(args.config) if args.images else DEFAULT_ENCODER)
+    encoder = args.encoder or (encoder_name(args.config) if args.images else DEFAULT_ENCODER)
     if args.images:
         cache = build_cache(args.out, encoder=encoder, images=list_images(args.images),
-                            encode_images=image_encoder(args), shard_size=args.shard_size,
-                            batch_size=args.batch_size, progress=not args.no_progress, **options)
+                            encode_images=image_encoder(args.imagebind, args.config, args.device),
+                            shard_size=args.shard_size, batch_size=args.batch_size, progress=not args.no_progress,
+                            **options)
     else:
         sources = read_sources(args.sources) if args.sources else None
         if args.faiss_index:
@@ -116,8 +145,8 @@ def run_query(args: argparse.Namespace) -> int:
     if args.nprobe:
         cache.nprobe = args.nprobe
     if args.image:
-        queries = image_encoder(args)([args.image])
-        cache.check_compatible(queries.shape[1], _config_name(args.config))
+        queries = image_encoder(args.imagebind, args.config, args.device)([args.image])
+        cache.check_compatible(queries.shape[1], encoder_name(args.config))
         labels = [args.image]
     else:
         queries = np.load(args.vector).astype(np.float32)
@@ -128,27 +157,3 @@ def run_query(args: argparse.Namespace) -> int:
         for rank, (idx, sim, source) in enumerate(hits, 1):
             print(f"  {rank:2d}. id {idx:<10d} sim {sim:.4f}  {source if source is not None else '-'}")
     return 0
-
-
-def _config_name(config: str) -> str:
-    return "imagebind_huge" if config == "huge" else Path(config).stem
-
-
-def image_encoder(args: argparse.Namespace) -> Callable[[list[str]], np.ndarray]:
-    """``list of image paths -> [n, D]`` unit-norm ImageBind vision features, from CLI arguments."""
-    import torch
-
-    from imagebind_llm.encoders import load_official
-    from imagebind_llm.preprocess.image import load_images
-
-    if not args.imagebind:
-        raise ValueError("encoding images needs --imagebind PATH (official ImageBind weights)")
-    # None: huge, with the point branch iff the file has one
-    model = load_official(args.imagebind, None if args.config == "huge" else args.config, device=args.device)
-
-    @torch.inference_mode()
-    def encode(paths: list[str]) -> np.ndarray:
-        feats = model({"vision": load_images(paths).to(args.device)})["vision"]
-        return torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy()
-
-    return encode

@@ -1,4 +1,5 @@
-"""Multi-turn chat through the engine: the conversation is kept as text, the media ride on every turn."""
+"""Multi-turn chat through the engine: the conversation is kept as text; the media are encoded once, on the
+first turn, and their feature rides on every turn."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from imagebind_llm.cache.blend import BlendOptions
 from imagebind_llm.engine.engine import Engine
@@ -29,13 +32,15 @@ class ChatSession:
     system: str | None = None
     blend: BlendOptions = field(default_factory=BlendOptions)
     history: list[dict[str, str]] = field(default_factory=list)
+    features: torch.Tensor | None = None  # the media's mixed ImageBind feature, once encoded
 
     def request(self, user: str, sampling: SamplingOptions) -> Request:
-        """The engine request for the next turn (media parts in the first user message)."""
-        turns = [*self.history, {"role": "user", "content": user}]
-        first = Request.ask(turns[0]["content"], self.media, self.weights).messages[0]
+        """The engine request for the next turn."""
+        if self.features is None and self.media:
+            self.features = self.engine.encode(Request.ask("", self.media, self.weights))
         system = [{"role": "system", "content": self.system}] if self.system else []
-        return Request(messages=[*system, first, *turns[1:]], sampling=sampling, blend=self.blend)
+        return Request(messages=[*system, *self.history, {"role": "user", "content": user}], sampling=sampling,
+                       blend=self.blend, features=self.features)
 
     def respond(self, user: str, sampling: SamplingOptions | None = None) -> Iterator[str]:
         """Yield the answer to ``user`` in pieces; then record the exchange."""

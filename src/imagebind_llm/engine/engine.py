@@ -24,7 +24,7 @@ import functools
 import logging
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +35,7 @@ from imagebind_llm.engine.scoring import Score, loglikelihood, text_pairs
 from imagebind_llm.llm.chat import choose_template
 from imagebind_llm.llm.generate import Completion, RowText, apply_repetition_penalty, sample
 from imagebind_llm.model.imagebind_llm import ImageBindLLM
+from imagebind_llm.model.media import MediaInputs
 
 log = logging.getLogger(__name__)
 
@@ -235,10 +236,17 @@ class Engine:
     def step(self) -> bool:
         """One scheduler iteration (drop cancelled, admit, decode); returns whether work remains."""
         with self.lock, torch.inference_mode():
-            self._drop_cancelled()
-            self._admit()
-            if self._rows:
-                self._decode()
+            try:
+                self._drop_cancelled()
+                self._admit()
+                if self._rows:
+                    self._decode()
+            except Exception as e:  # the running requests end with the error; the engine keeps serving
+                log.exception("engine step failed; failing the %d running requests", len(self._rows))
+                for row in self._rows:
+                    if not row.handle.done:
+                        row.handle._finish(None, e)
+                self._rows = []
             self.steps += 1
             return bool(self._rows or self._waiting)
 
@@ -266,24 +274,44 @@ class Engine:
     def _admit(self) -> None:
         """Move waiting requests into free rows: encode their media together, prefill their prompts."""
         free = self.max_batch - len(self._rows)
-        taken: list[tuple[Handle, list[int], object]] = []
+        taken: list[tuple[Handle, list[int], MediaInputs | torch.Tensor | None]] = []
         while free > len(taken) and self._waiting:
             with self._wakeup:
                 handle = self._waiting.popleft()
             try:
-                taken.append((handle, self._prompt_ids(handle.request), handle.request.media()))
+                taken.append((handle, self._prompt_ids(handle.request), self._media_of(handle.request)))
             except Exception as e:  # a bad request fails alone, never the batch
                 handle._finish(None, e)
         if not taken:
             return
-        if self.model.llm.layers[0].attention.kv_cache is None or \
-                self.model.llm.layers[0].attention.kv_cache.k.shape[:3:2] != (self.max_batch, self.max_context):
-            self.model.llm.setup_caches(self.max_batch, self.max_context)
         start = len(self._rows)
-        self._write_injections(start, [h.request for h, _, _ in taken], [m for _, _, m in taken])
-        for handle, ids, media in taken:
+        for handle, ids, media in taken:  # rows first: if encoding fails, `step` fails exactly these requests
             self._rows.append(self._new_row(handle, ids, media is not None))
+        self.model.llm.setup_caches(self.max_batch, self.max_context)  # a no-op while the cache is ours
+        self._write_injections(start, [h.request for h, _, _ in taken], [m for _, _, m in taken])
         self._prefill(start, [ids for _, ids, _ in taken])
+
+    def encode(self, request: Request) -> torch.Tensor | None:
+        """The mixed ImageBind feature ``[1, feature_dim]`` of ``request``'s media (None without media), to
+        reuse as ``Request(features=...)``."""
+        media = self._media_of(request)
+        if media is None or torch.is_tensor(media):
+            return media
+        with self.lock, torch.inference_mode():
+            return self.model.mix_requests([media])[0]
+
+    def _media_of(self, request: Request) -> MediaInputs | torch.Tensor | None:
+        """The request's precomputed features, or its loaded media, or None."""
+        if request.features is not None:
+            if tuple(request.features.shape) != (1, self.model.config.feature_dim):
+                raise ValueError(f"request features must be [1, {self.model.config.feature_dim}], "
+                                 f"got {list(request.features.shape)}")
+            return request.features
+        media = request.media(self.model.bind.proj.weight.dtype)
+        if media is not None and self.model.encoder is None:
+            raise ValueError("this model has no ImageBind encoder, so it cannot take media; build it with one "
+                             "(ModelSpec(imagebind=...))")
+        return media
 
     def _prompt_ids(self, request: Request) -> list[int]:
         if request.prompt_ids is not None:
@@ -311,7 +339,8 @@ class Engine:
                     has_media=has_media, generator=options.generator(self.device), seen=seen,
                     suppress=sorted(stop_ids))
 
-    def _write_injections(self, start: int, requests: Sequence[Request], media: Sequence[object]) -> None:
+    def _write_injections(self, start: int, requests: Sequence[Request],
+                          media: Sequence[MediaInputs | torch.Tensor | None]) -> None:
         """Encode the admitted requests' media at once and store their injections in rows ``start..``."""
         if not any(m is not None for m in media):
             if self._inject is not None:
@@ -319,8 +348,8 @@ class Engine:
                     if term is not None:
                         term[start:start + len(media)] = 0
             return
-        mixed, rows = self.model.mix_requests(list(media))
-        mixed = mixed.to(self.device)
+        mixed = self._mixed_features(media)
+        rows = [i for i, m in enumerate(media) if m is not None]
         bound = torch.empty(len(rows), 1, self.model.llm.config.dim, device=self.device,
                             dtype=self.model.bind.proj.weight.dtype)
         for options, members in _group_by_blend([requests[i].blend for i in rows]).items():
@@ -334,6 +363,15 @@ class Engine:
             if buffer is not None:
                 buffer[start:start + len(media)] = 0
                 buffer[slots] = term
+
+    def _mixed_features(self, media: Sequence[MediaInputs | torch.Tensor | None]) -> torch.Tensor:
+        """``[M, feature_dim]`` for the ``M`` rows with media: one encoder call per modality for the rows
+        that need encoding, precomputed features as they are."""
+        to_encode = [m if isinstance(m, Mapping) else None for m in media]
+        encoded, encoded_rows = self.model.mix_requests(to_encode) if any(to_encode) else (None, [])
+        parts = {i: encoded[j:j + 1] for j, i in enumerate(encoded_rows)}
+        parts.update({i: m.float() for i, m in enumerate(media) if torch.is_tensor(m)})
+        return torch.cat([parts[i].to(self.device) for i in sorted(parts)])
 
     def _injections(self, rows: slice) -> list[torch.Tensor | None] | None:
         if self._inject is None or not any(r.has_media for r in self._rows[rows]):

@@ -30,12 +30,16 @@ class Request:
         sampling: how to sample the answer (default: the official ImageBind-LLM options).
         blend: cache blend options; unset fields use the cache's stored defaults.
         prompt_ids: token ids of an already formatted prompt; when given, ``messages`` only carry the media.
+        features: the media's mixed ImageBind feature ``[1, feature_dim]`` computed before
+            (`Engine.encode`); the media parts are then not loaded or encoded again (a chat's later turns,
+            several questions about one image). The cache blend still applies.
     """
 
     messages: Sequence[Mapping[str, Any]] = ()
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     blend: BlendOptions = field(default_factory=BlendOptions)
     prompt_ids: Sequence[int] | None = None
+    features: torch.Tensor | None = None
 
     @classmethod
     def ask(cls, question: str, media: Mapping[str, Any] | None = None, weights: Mapping[str, float] | None = None,

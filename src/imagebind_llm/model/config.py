@@ -61,6 +61,8 @@ class ModelSpec:
             ``demo_encoder`` or an adapter folder that records one.
         imagebind_config: JSON file of ImageBindModel arguments (default: huge, point branch as in the file).
         demo_encoder: a small, randomly initialised ImageBind (the embedded demo; seeded by ``seed``).
+        with_encoder: False builds no ImageBind whatever the other fields say (training from features,
+            text-only use): saves its memory (4.5 GB in float32 for huge).
         tokenizer: a tokenizer file when it is not beside the base weights.
         phase: ``"finetune"`` or ``"pretrain"``; None: the adapter's or the named model's, else finetune.
         max_seq_len: context length (the official model uses 512).
@@ -77,6 +79,7 @@ class ModelSpec:
     imagebind: PathLike | None = None
     imagebind_config: PathLike | None = None
     demo_encoder: bool = False
+    with_encoder: bool = True
     tokenizer: PathLike | None = None
     phase: str | None = None
     max_seq_len: int = 512

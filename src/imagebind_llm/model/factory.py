@@ -137,9 +137,12 @@ def _our_folder(adapter: str | os.PathLike | None) -> Path | None:
 
 
 def _encoder(spec: ModelSpec, ours: Path | None, dtype: torch.dtype) -> nn.Module | None:
-    if spec.imagebind is not None:
-        return load_official_encoder(fetch(spec.imagebind), spec.imagebind_config, dtype=dtype, device=spec.device)
+    if not spec.with_encoder:
+        return None
     saved = _read_json(ours / CONFIG_FILE).get("encoder") if ours is not None else None
+    if spec.imagebind is not None:  # the config: given, else the one our folder recorded, else huge
+        config = spec.imagebind_config or (ImageBindConfig.from_dict(saved) if saved else None)
+        return load_official_encoder(fetch(spec.imagebind), config, dtype=dtype, device=spec.device)
     if spec.demo_encoder or saved:
         if saved:
             logger.warning("no ImageBind weights given: the encoder is randomly initialised")

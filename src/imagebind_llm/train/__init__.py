@@ -6,13 +6,14 @@ or from Python::
     from imagebind_llm.train import load_config, stage1
     result = stage1.run(load_config(1, "my_stage1.yaml", ["optim.lr=1e-3"]))
 
-Pieces: `config` (YAML + overrides), `data` (formats, tokenization, batching order), `features`
-(frozen-encoder feature store), `optim` (AdamW groups), `schedule` (warm-up + half-cosine), `loop`
-(the step and the loop), `checkpoint` (atomic resumable checkpoints, exports), `distributed`
-(DDP / FSDP2), `logging` (progress and JSONL).
+Pieces: `config` (the typed `TrainConfig`: YAML defaults + user YAML + overrides), `data` (formats,
+tokenization, batching order), `optim` (AdamW groups), `schedule` (warm-up + half-cosine), `loop` (the
+step, the model and cache blend of a config, the loop), `checkpoint` (atomic resumable checkpoints,
+exports), `distributed` (DDP / FSDP2), `logging` (progress and JSONL). Pre-extracted image features
+(``data.features``) are the shard store of `imagebind_llm.cache.shards`.
 """
 
-from imagebind_llm.train.config import ConfigError, default_config, load_config
+from imagebind_llm.train.config import ConfigError, TrainConfig, default_config, load_config
 from imagebind_llm.train.recipes import stage1, stage2
 
-__all__ = ["ConfigError", "default_config", "load_config", "stage1", "stage2"]
+__all__ = ["ConfigError", "TrainConfig", "default_config", "load_config", "stage1", "stage2"]

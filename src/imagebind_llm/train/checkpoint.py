@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
 )
 
+from imagebind_llm.model.convert import official_adapter_state_dict
 from imagebind_llm.model.factory import save_pretrained
 from imagebind_llm.model.imagebind_llm import ImageBindLLM
 from imagebind_llm.train import distributed
@@ -63,7 +64,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(output_dir: str | Path, module: nn.Module, optimizer: torch.optim.Optimizer, *, step: int,
                     epoch: int, phase: str, config: dict[str, Any]) -> Path | None:
-    """Write the checkpoint of ``step`` (collective: every process must call it); returns its path on rank 0."""
+    """Write the checkpoint of ``step`` (collective: every process must call it); returns its path on rank 0.
+
+    ``config`` is the run's `TrainConfig` as a plain dict (``to_dict``), kept for the record.
+    """
     weights = get_model_state_dict(module, options=_SAVE)
     optim_state = get_optimizer_state_dict(module, optimizer, options=_SAVE)
     rngs = distributed.gather_objects(rng_state())
@@ -127,13 +131,13 @@ def load_checkpoint(resume: str | Path, module: nn.Module, optimizer: torch.opti
 
 def export(model: ImageBindLLM, output_dir: str | Path) -> dict[str, Path]:
     """Write the trained adapter in the official layout (``adapter.pth`` = ``{'model': ...}``, loadable by the
-    official ``llama.load`` and by `ImageBindLLM.load_adapter`) and in ours (``pretrained/``, `save_pretrained`).
+    official ``llama.load`` and by `imagebind_llm.create_model`) and in ours (``pretrained/``, `save_pretrained`).
 
     Call with full (unsharded) weights on the main process.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     official = output_dir / "adapter.pth"
-    state = {k: v.detach().cpu().clone() for k, v in model.official_adapter_state_dict().items()}
+    state = {k: v.detach().cpu().clone() for k, v in official_adapter_state_dict(model).items()}
     _atomic(official, lambda tmp: torch.save({"model": state}, tmp))
     return {"official": official, "pretrained": save_pretrained(model, output_dir / "pretrained")}

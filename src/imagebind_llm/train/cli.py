@@ -12,11 +12,11 @@ import logging
 
 import yaml
 
+from imagebind_llm.cache.cli import add_shard_args
+from imagebind_llm.cache.shards import extract_image_features
 from imagebind_llm.train import distributed
 from imagebind_llm.train.config import load_config
 from imagebind_llm.train.data import image_sources, read_examples
-from imagebind_llm.train.features import extract
-from imagebind_llm.train.loop import load_encoder
 from imagebind_llm.train.recipes import stage1, stage2
 
 RECIPES = {"stage1": (1, stage1, "image-text alignment: bind network, prefix and gates"),
@@ -24,7 +24,7 @@ RECIPES = {"stage1": (1, stage1, "image-text alignment: bind network, prefix and
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file over the stage's defaults (configs/stage1.yaml, stage2.yaml)")
+    p.add_argument("--config", help="YAML file over the stage's defaults (configs/base.yaml + stageN.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, e.g. --set optim.lr=1e-3 --set data.train=[a.tsv,b.tar]")
 
@@ -41,15 +41,15 @@ def add_train_subcommands(subparsers: argparse._SubParsersAction) -> argparse.Ar
                        "checkpoints/step-*.pt file")
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
         p.set_defaults(func=_run_stage, stage=stage, recipe=name)
-    e = sub.add_parser("extract-features", help="encode the stage-1 images with ImageBind once (sharded, resumable)",
-                       description="Pre-extract ImageBind image features of data.train into --out; then train "
-                       "stage 1 with --set data.features=OUT. Re-running resumes; under torchrun each "
-                       "process encodes its share of the shards.")
+    e = sub.add_parser("extract-features", help="`cache extract` for the images of a stage-1 config",
+                       description="`imagebind-llm cache extract` with its inputs taken from a stage-1 config: the "
+                       "images of data.train (image_root applied, in example order), encoded with model.imagebind "
+                       "and model.imagebind_config into --out; then train stage 1 with --set data.features=OUT. "
+                       "Re-running resumes; under torchrun each process encodes its share of the shards.")
     _add_config_args(e)
     e.add_argument("--out", required=True, help="feature store folder")
-    e.add_argument("--shard-size", type=int, default=4096, help="images per shard (the unit of resumption)")
-    e.add_argument("--batch-size", type=int, default=32, help="images per encoder call")
     e.add_argument("--device", default="cpu", help="torch device of the encoder, e.g. cuda")
+    add_shard_args(e)
     e.set_defaults(func=_extract)
     return train
 
@@ -57,7 +57,7 @@ def add_train_subcommands(subparsers: argparse._SubParsersAction) -> argparse.Ar
 def _run_stage(args: argparse.Namespace) -> int:
     config = load_config(args.stage, args.config, args.overrides)
     if args.print_config:
-        print(yaml.safe_dump(config, sort_keys=False), end="")
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
     for handler in logging.getLogger().handlers:
         handler.addFilter(distributed.RankZeroFilter())
@@ -75,9 +75,10 @@ def _run_stage(args: argparse.Namespace) -> int:
 
 def _extract(args: argparse.Namespace) -> int:
     config = load_config(1, args.config, args.overrides)
-    sources = image_sources(read_examples(config["data"]["train"], config["data"]["image_root"]))
-    encoder = load_encoder(config["model"]).to(args.device)
-    done = extract(encoder, sources, args.out, shard_size=args.shard_size, batch_size=args.batch_size,
-                   encoder_name=str(config["model"]["imagebind"]))
+    sources = image_sources(read_examples(config.data.train, config.data.image_root))
+    done = extract_image_features(sources, args.out, imagebind=config.model.imagebind,
+                                  config=config.model.imagebind_config, device=args.device,
+                                  shard_size=args.shard_size, batch_size=args.batch_size,
+                                  progress=not args.no_progress)
     print(json.dumps({"images": len(sources), "shards_encoded": done, "out": args.out}))
     return 0

@@ -25,7 +25,6 @@ every answer carries labels. Relative image paths are resolved against ``image_r
 from __future__ import annotations
 
 import csv
-import functools
 import hashlib
 import json
 import tarfile
@@ -38,13 +37,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from imagebind_llm.cache.shards import IMAGE_SUFFIXES, TAR_SEP, read_image_bytes
 from imagebind_llm.llm.templates import alpaca_prompt
-from imagebind_llm.preprocess import load_images, train_transform
+from imagebind_llm.preprocess import train_transform
 
 CAPTION_PROMPT = "Generate caption of this image"  # official stage-1 instruction
 DETAIL_PROMPT = "Describe this image in detail."  # MiniGPT-4 style detail data in stage 2
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-TAR_SEP = "::"
 
 
 class DataFormatError(ValueError):
@@ -263,32 +261,12 @@ def _rng_seed(*parts: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-@functools.lru_cache(maxsize=64)
-def _tar_index(path: str) -> dict[str, tuple[int, int]]:
-    """``{member name: (data offset, size)}`` of a tar shard, scanned once per process."""
-    with tarfile.open(path) as tar:
-        return {m.name: (m.offset_data, m.size) for m in tar.getmembers() if m.isfile()}
-
-
-def read_image_bytes(source: str) -> bytes | str:
-    """A path as-is, or the bytes of a ``shard.tar::member`` image (read by offset, no archive scan)."""
-    if TAR_SEP in source and not Path(source).exists():
-        tar_path, member = source.split(TAR_SEP, 1)
-        index = _tar_index(tar_path)
-        if member not in index:
-            raise FileNotFoundError(f"{tar_path} has no member {member!r}")
-        offset, size = index[member]
-        with open(tar_path, "rb") as f:
-            f.seek(offset)
-            return f.read(size)
-    return source
-
-
 class TrainDataset(Dataset):
     """Examples -> training items; indexed by ``(epoch, index)`` so randomness is a function of both.
 
     Each item is a dict: ``tokens``/``labels`` ``[L]`` long, ``has_media`` bool, and ``image``
-    ``[3, 224, 224]`` (random resized crop) or ``feature`` ``[D]`` (from a `FeatureStore`) or neither.
+    ``[3, 224, 224]`` (random resized crop) or ``feature`` ``[D]`` (from a `imagebind_llm.cache.shards.FeatureStore`)
+    or neither.
 
     Args:
         examples: from `read_examples`.
@@ -335,16 +313,11 @@ class TrainDataset(Dataset):
 
 
 def image_sources(examples: Sequence[Example]) -> list[str]:
-    """The image of every example, in order (for feature extraction); all examples must have one."""
+    """The image of every example, in order (the sources of a feature store); all examples must have one."""
     missing = [i for i, ex in enumerate(examples) if ex.image is None]
     if missing:
         raise ValueError(f"examples {missing[:5]} have no image; features can only be extracted for image data")
     return [ex.image for ex in examples]
-
-
-def encode_images_for_features(sources: Sequence[str]) -> torch.Tensor:
-    """Deterministic (inference) preprocessing of images for feature extraction -> ``[N, 3, 224, 224]``."""
-    return load_images([read_image_bytes(s) for s in sources])
 
 
 def collate(items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ defaults of their YAML); see ``recipes/``. One optimiser step (`train_step`) is:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import Sequence
@@ -19,26 +20,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
 
-from imagebind_llm.encoders import load_official as load_official_encoder
-from imagebind_llm.model.convert import CheckpointMismatchError, read_adapter_file
-from imagebind_llm.model.factory import from_official
-from imagebind_llm.model.imagebind_llm import ImageBindLLM
+from imagebind_llm.cache import FeatureCache
+from imagebind_llm.model import ModelSpec, create_model
+from imagebind_llm.model.imagebind_llm import ImageBindLLM, Retrieve
+from imagebind_llm.model.media import MIX_EPS
 from imagebind_llm.train import distributed
 from imagebind_llm.train.checkpoint import export, load_checkpoint, save_checkpoint
+from imagebind_llm.train.config import ModelSection, TrainConfig
 from imagebind_llm.train.data import TrainDataset, batch_order, collate, steps_per_epoch
 from imagebind_llm.train.logging import ProgressLogger
 from imagebind_llm.train.optim import build_optimizer, scaled_lr
 from imagebind_llm.train.schedule import WarmupCosine
 
 log = logging.getLogger(__name__)
-
-MIX_EPS = 1e-6  # the official modality mix divides by (sum of weights + 1e-6), also for a single image
 
 
 # -------------------------------------------------------------------- the differentiable step
@@ -57,24 +56,26 @@ class TrainStep(nn.Module):
 
     Args:
         model: the ImageBind-LLM model (its phase decides what trains).
+        retrieve: optional cache blend of the mixed features (`cache_retrieve`).
     """
 
-    def __init__(self, model: ImageBindLLM) -> None:
+    def __init__(self, model: ImageBindLLM, retrieve: Retrieve | None = None) -> None:
         super().__init__()
         self.model = model
+        self.retrieve = retrieve
 
     def visual(self, batch_size: int, has_media: torch.Tensor, images: torch.Tensor | None,
                features: torch.Tensor | None) -> torch.Tensor | None:
         """Bind output ``[B, 1, dim]`` for the rows with media (zeros elsewhere), or None without media.
 
         ``images`` ``[M, 3, 224, 224]`` go through the frozen encoder; ``features`` ``[M, D]`` are its
-        precomputed L2-normalised outputs. ``M`` = number of True rows of ``has_media``.
+        precomputed L2-normalised outputs, scaled as the official mix scales a single image.
+        ``M`` = number of True rows of ``has_media``.
         """
         if images is not None:
-            bound = self.model.encode_inputs({"image": (images, 1.0)})
+            bound = self.model.encode_inputs({"image": (images, 1.0)}, self.retrieve)
         elif features is not None:
-            mixed = features.float() * (1.0 / (1.0 + MIX_EPS))
-            bound = self.model.bind(mixed.to(self.model.bind.proj.weight.dtype).unsqueeze(1))
+            bound = self.model.encode_features(features * (1 / (1 + MIX_EPS)), self.retrieve)
         else:
             return None
         if len(bound) == batch_size:
@@ -148,59 +149,36 @@ def fsdp_groups(model: ImageBindLLM) -> list[list[nn.Module]]:
 
 
 # -------------------------------------------------------------------- building the model
-def build_model(config: dict[str, Any], phase: str, *, need_encoder: bool, feature_dim: int | None = None
+def build_model(cfg: ModelSection, phase: str, *, need_encoder: bool, feature_dim: int | None = None
                 ) -> ImageBindLLM:
-    """The model of ``config['model']`` on the CPU, in ``phase``, with its initial adapter loaded.
+    """The model of the ``model`` config section on the CPU, in ``phase``, with its initial adapter loaded.
 
     The base LLM is dense even from a GGUF file: training multiplies by float32 weights anyway.
 
     Args:
-        need_encoder: load ImageBind (False when training from a feature store).
-        feature_dim: ImageBind output width when the encoder is not loaded.
+        need_encoder: load ImageBind (False when training from a feature store or on text only).
+        feature_dim: ImageBind output width without the encoder (None: the adapter's, else 1024).
     """
-    cfg = config["model"]
-    if not need_encoder and feature_dim is None:
-        raise ValueError("feature_dim is needed when the model is built without an encoder")
-    kind, tensors = _read_adapter(cfg["adapter"]) if cfg["adapter"] else (None, None)
-    model = from_official(cfg["llm"], tensors if kind == "official" else None,
-                          load_encoder(cfg) if need_encoder else None, tokenizer=cfg["tokenizer"] or None,
-                          phase=phase, max_seq_len=cfg["max_seq_len"], lora_rank=cfg["lora_rank"],
-                          inject_layers=cfg["inject_layers"], feature_dim=feature_dim, quantized=False)
-    if kind == "ours":
-        _load_our_adapter(model, tensors)
-    return model
-
-
-def load_encoder(cfg: dict[str, Any]) -> nn.Module:
-    """The frozen ImageBind of the ``model`` config section (``imagebind`` + optional ``imagebind_config``)."""
-    if not cfg["imagebind"]:
+    if need_encoder and not cfg.imagebind:
         raise ValueError("this run encodes images, so it needs model.imagebind (an ImageBind checkpoint such as "
                          "imagebind_w3D.pth); stage 1 can instead train from data.features")
-    return load_official_encoder(cfg["imagebind"], cfg["imagebind_config"] or None)
+    return create_model(ModelSpec(
+        llm=cfg.llm, adapter=cfg.adapter, tokenizer=cfg.tokenizer, imagebind=cfg.imagebind if need_encoder else None,
+        with_encoder=need_encoder, imagebind_config=cfg.imagebind_config, phase=phase, max_seq_len=cfg.max_seq_len, lora_rank=cfg.lora_rank,
+        inject_layers=cfg.inject_layers, feature_dim=feature_dim, quantized=False))
 
 
-def _read_adapter(source: str) -> tuple[str, dict[str, torch.Tensor]]:
-    path = Path(source)
-    if path.is_dir():
-        if not (path / "adapter.safetensors").is_file():
-            raise FileNotFoundError(f"{path} has no adapter.safetensors; pass a save_pretrained folder or an "
-                                    "official adapter .pth")
-        return "ours", load_file(str(path / "adapter.safetensors"))
-    return "official", read_adapter_file(path)
+def cache_retrieve(cfg: ModelSection, model: ImageBindLLM, encoder: str) -> Retrieve | None:
+    """The blend with the cache ``cfg.cache`` (mixed features ``[B, D]`` -> blended ``[B, D]``), or None.
 
-
-def _load_our_adapter(model: ImageBindLLM, tensors: dict[str, torch.Tensor]) -> None:
-    """Load a `save_pretrained` adapter as the starting point; weights it lacks keep their init."""
-    params = dict(model.named_parameters())
-    unexpected = sorted(set(tensors) - set(params))
-    if unexpected:
-        raise CheckpointMismatchError(f"adapter tensors unknown to this model: {unexpected[:5]}")
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            params[name].copy_(tensor)
-    missing = sorted(set(model.adapter_parameter_names()) - set(tensors))
-    if missing:
-        log.info("initial adapter lacks %d tensors (kept at their init), e.g. %s", len(missing), missing[:3])
+    Args:
+        encoder: name of the encoder behind the training features, checked against the cache's.
+    """
+    if cfg.cache is None:
+        return None
+    cache = FeatureCache.load(cfg.cache)
+    cache.check_compatible(model.config.feature_dim, encoder)
+    return functools.partial(cache.blend, options=cfg.blend_options())
 
 
 # -------------------------------------------------------------------- the loop
@@ -219,36 +197,37 @@ class TrainResult:
     records: list[dict[str, Any]] = field(default_factory=list)
 
 
-def train(config: dict[str, Any], model: ImageBindLLM, dataset: TrainDataset, device: torch.device,
-          resume: str | Path | None = None) -> TrainResult:
+def train(config: TrainConfig, model: ImageBindLLM, dataset: TrainDataset, device: torch.device,
+          resume: str | Path | None = None, retrieve: Retrieve | None = None) -> TrainResult:
     """Train ``model`` (already in its phase) on ``dataset`` as ``config`` says; see the module doc.
 
     Stops at the end of ``train.epochs`` or after ``train.max_steps`` optimiser steps (a stop before the
     end writes a checkpoint that ``resume`` continues exactly); exports only at the end of the schedule.
+    ``retrieve`` blends the mixed features with the cache (`cache_retrieve`).
     """
-    optim_cfg, train_cfg = config["optim"], config["train"]
+    optim_cfg, run = config.optim, config.train
     phase = model.config.phase
     rank, world = distributed.rank(), distributed.world_size()
-    torch.manual_seed(train_cfg["seed"] + rank)
+    torch.manual_seed(run.seed + rank)
 
     model.to(device)
-    if train_cfg["activation_checkpointing"]:
+    if run.activation_checkpointing:
         enable_activation_checkpointing(model)
-    amp_dtype = torch.bfloat16 if train_cfg["precision"] == "bf16" and device.type == "cuda" else None
+    amp_dtype = torch.bfloat16 if run.precision == "bf16" and device.type == "cuda" else None
     text_only = any(ex.image is None for ex in dataset.examples) and dataset.text_only == "no_injection"
-    module = distributed.wrap(TrainStep(model), train_cfg["distributed"], device, blocks=fsdp_groups(model),
+    module = distributed.wrap(TrainStep(model, retrieve), run.distributed, device, blocks=fsdp_groups(model),
                               replicated=model.encoder, find_unused_parameters=text_only, param_dtype=amp_dtype)
 
-    accum, batch_size = optim_cfg["accum_iter"], train_cfg["batch_size"]
-    global_batch = batch_size * accum * world
-    lr = optim_cfg["lr"] if optim_cfg["lr"] is not None else scaled_lr(optim_cfg["blr"], global_batch)
-    optimizer = build_optimizer(module, lr, optim_cfg["weight_decay"], optim_cfg["betas"], optim_cfg["eps"])
-    schedule = WarmupCosine(lr, optim_cfg["min_lr"], optim_cfg["warmup_epochs"], train_cfg["epochs"])
-    per_epoch = steps_per_epoch(len(dataset), batch_size, world, accum)
-    total = per_epoch * train_cfg["epochs"]
-    stop = total if train_cfg["max_steps"] is None else min(total, train_cfg["max_steps"])
+    accum = optim_cfg.accum_iter
+    global_batch = run.batch_size * accum * world
+    lr = optim_cfg.lr if optim_cfg.lr is not None else scaled_lr(optim_cfg.blr, global_batch)
+    optimizer = build_optimizer(module, lr, optim_cfg.weight_decay, optim_cfg.betas, optim_cfg.eps)
+    schedule = WarmupCosine(lr, optim_cfg.min_lr, optim_cfg.warmup_epochs, run.epochs)
+    per_epoch = steps_per_epoch(len(dataset), run.batch_size, world, accum)
+    total = per_epoch * run.epochs
+    stop = total if run.max_steps is None else min(total, run.max_steps)
     log.info("%s: %d examples, %d steps/epoch x %d epochs, global batch %d, lr %.3e", phase, len(dataset),
-             per_epoch, train_cfg["epochs"], global_batch, lr)
+             per_epoch, run.epochs, global_batch, lr)
 
     if not dataset[(0, 0)]["labels"].any():
         log.warning("the first example has no answer token left after truncation to data.max_words=%d; "
@@ -257,33 +236,32 @@ def train(config: dict[str, Any], model: ImageBindLLM, dataset: TrainDataset, de
     if resume is not None:
         step = load_checkpoint(resume, module, optimizer, phase)["step"]
     result = TrainResult(model=model, start_step=step, step=step)
-    logger = ProgressLogger(train_cfg["output_dir"], stop, step, log_every=train_cfg["log_every"],
-                            enabled=distributed.is_main(), progress=train_cfg["progress"],
-                            tensorboard=train_cfg["tensorboard"])
+    logger = ProgressLogger(run.output_dir, stop, step, log_every=run.log_every, enabled=distributed.is_main(),
+                            progress=run.progress, tensorboard=run.tensorboard)
     module.train()
     if model.encoder is not None:
         model.encoder.eval()  # frozen: no DropPath/dropout in the encoder
     try:
         while step < stop:
             epoch, in_epoch = divmod(step, per_epoch)
-            order = batch_order(len(dataset), batch_size=batch_size, world_size=world, rank=rank, accum_iter=accum,
-                                seed=train_cfg["seed"], epoch=epoch, start_step=in_epoch)
+            order = batch_order(len(dataset), batch_size=run.batch_size, world_size=world, rank=rank,
+                                accum_iter=accum, seed=run.seed, epoch=epoch, start_step=in_epoch)
             loader = iter(DataLoader(dataset, batch_sampler=list(order), collate_fn=collate,
-                                     num_workers=config["data"]["num_workers"], pin_memory=device.type == "cuda"))
+                                     num_workers=config.data.num_workers, pin_memory=device.type == "cuda"))
             for in_epoch in range(in_epoch, per_epoch):
                 micro = [next(loader) for _ in range(accum)]
                 step_lr = schedule.apply(optimizer, epoch + in_epoch / per_epoch)
                 loss = train_step(module, optimizer, micro, device=device, amp_dtype=amp_dtype,
-                                  clip_grad=optim_cfg["clip_grad"])
+                                  clip_grad=optim_cfg.clip_grad)
                 step += 1
                 loss = float(distributed.mean(torch.tensor(loss, device=device)))
                 result.losses.append(loss)
                 result.lrs.append(step_lr)
                 tokens = sum(int((b["tokens"] != 0).sum()) for b in micro) * world
                 logger.step(step, epoch + (in_epoch + 1) / per_epoch, loss, step_lr, global_batch, tokens)
-                if step % train_cfg["save_every"] == 0 or step == stop:
-                    result.checkpoint = save_checkpoint(train_cfg["output_dir"], module, optimizer, step=step,
-                                                        epoch=epoch, phase=phase, config=config)
+                if step % run.save_every == 0 or step == stop:
+                    result.checkpoint = save_checkpoint(run.output_dir, module, optimizer, step=step, epoch=epoch,
+                                                        phase=phase, config=config.to_dict())
                 if step == stop:
                     break
     finally:
@@ -292,7 +270,6 @@ def train(config: dict[str, Any], model: ImageBindLLM, dataset: TrainDataset, de
     if step == total:
         with distributed.full_parameters(module):
             if distributed.is_main():
-                result.exports = export(model, train_cfg["output_dir"])
+                result.exports = export(model, run.output_dir)
         distributed.barrier()
     return result
-
