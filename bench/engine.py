@@ -137,8 +137,12 @@ def run_static(model, jobs: list[Job], batch: int, template) -> float:
     """Serve ``jobs`` in static batches of ``batch`` with ``model.generate``; returns the start time."""
     arrived: list[int] = []
     cond = threading.Condition()
+    ready = threading.Event()
 
     def dispatch() -> None:
+        model.generate([template.render(jobs[0].request.text_messages())], [jobs[0].request.media()],
+                       sampling=GREEDY.replace(max_new_tokens=2, stop_token_ids=()))  # warm this thread up
+        ready.set()
         served = 0
         while served < len(jobs):
             with cond:
@@ -160,11 +164,20 @@ def run_static(model, jobs: list[Job], batch: int, template) -> float:
             cond.notify()
 
     dispatcher = threading.Thread(target=dispatch, daemon=True)
-    t0 = time.perf_counter()
     dispatcher.start()
+    if not ready.wait(600):
+        raise RuntimeError("the static dispatcher did not start")
+    t0 = time.perf_counter()
     arrive(jobs, t0, submit)
     dispatcher.join()
     return t0
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile, interpolated between the closest ranks."""
+    if len(values) < 2:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
 def summarise(name: str, jobs: list[Job], t0: float) -> dict:
@@ -173,7 +186,7 @@ def summarise(name: str, jobs: list[Job], t0: float) -> dict:
     span = max(j.done for j in jobs) - t0  # the first arrival is at t0
     tokens = sum(len(j.tokens) for j in jobs)
     return dict(name=name, tokens=tokens, span=span, tok_s=tokens / span, req_s=len(jobs) / span,
-                p50=statistics.median(latency), p95=statistics.quantiles(latency, n=20, method="inclusive")[-1],
+                p50=statistics.median(latency), p95=percentile(latency, 95),
                 first50=statistics.median(first), jobs=jobs)
 
 
@@ -240,6 +253,10 @@ def main() -> None:
 
     model, template = load() if args.load_in_main else in_thread(load)
 
+    if args.contend and torch.get_num_threads() + args.contend > (os.cpu_count() or 1):
+        print(f"note: {torch.get_num_threads()} torch threads + {args.contend} busy neighbours exceed the "
+              f"{os.cpu_count()} cores: OpenMP threads then wait on descheduled team-mates at every op, which "
+              "can slow decoding several-fold (try --threads)", file=sys.stderr)
     neighbours = contend(args.contend)
     try:
         results = []
@@ -253,6 +270,7 @@ def main() -> None:
                 t0 = run_engine(model, run, batch, args.stream)
                 name = f"continuous (max_batch={batch})" if policy == "continuous" else "one at a time"
             results.append(summarise(name, run, t0))
+            print(f"{name}: done in {results[-1]['span']:.1f} s", file=sys.stderr, flush=True)
     finally:
         for p in neighbours:
             p.kill()
