@@ -10,7 +10,6 @@ import argparse
 import sys
 from typing import Any
 
-import torch
 
 from imagebind_llm.cache.blend import BlendOptions
 from imagebind_llm.engine.chat import ChatSession
@@ -23,7 +22,6 @@ from imagebind_llm.model.factory import create_model
 from imagebind_llm.model.media import MODALITIES, load_media, parse_weights
 
 _EXIT_COMMANDS = ("/exit", "/quit")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def add_chat_command(subparsers: argparse._SubParsersAction) -> None:
@@ -74,7 +72,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--imagebind-config", help="JSON file of ImageBindModel arguments for --imagebind "
                                               "(default: huge); the point branch follows the checkpoint unless given")
     g.add_argument("--phase", choices=["finetune", "pretrain"], help="adapter structure (default: the adapter's)")
-    g.add_argument("--dtype", choices=DTYPES, default="float32", help="parameter dtype")
+    g.add_argument("--dtype", choices=list(DTYPES), default="float32", help="parameter dtype")
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
 
 
@@ -112,7 +110,7 @@ def _media(args: argparse.Namespace) -> dict[str, str]:
 
 def _loaded_media(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, float]]:
     """The media files loaded (bad files fail here, before any model is built) and their weights."""
-    loaded = load_media(_media(args), parse_weights(args.weight), dtype=_DTYPES[args.dtype])
+    loaded = load_media(_media(args), parse_weights(args.weight), dtype=DTYPES[args.dtype])
     return {name: tensor for name, (tensor, _) in loaded.items()}, {name: w for name, (_, w) in loaded.items()}
 
 

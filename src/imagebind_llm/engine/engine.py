@@ -33,7 +33,7 @@ from imagebind_llm.cache.blend import BlendOptions, FeatureRetriever
 from imagebind_llm.engine.request import Request
 from imagebind_llm.engine.scoring import Score, loglikelihood, text_pairs
 from imagebind_llm.llm.chat import choose_template
-from imagebind_llm.llm.generate import Completion, RowText, apply_repetition_penalty, sample
+from imagebind_llm.llm.generate import Completion, RowText, apply_repetition_penalty, pad_right, sample
 from imagebind_llm.model.imagebind_llm import ImageBindLLM
 from imagebind_llm.model.media import MediaInputs
 
@@ -398,10 +398,7 @@ class Engine:
         return [None if t is None else t[rows] for t in self._inject]
 
     def _prefill(self, start: int, prompts: list[list[int]]) -> None:
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-        tokens = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=self.device)
-        for i, p in enumerate(prompts):
-            tokens[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+        tokens, lengths = pad_right(prompts, self.device)
         rows = slice(start, start + len(prompts))
         positions = torch.arange(tokens.shape[1], device=self.device)
         logits = self.model.llm(tokens, positions, injections=self._injections(rows), logits_index=lengths - 1,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from imagebind_llm.llm.generate import pad_right
 from imagebind_llm.model.imagebind_llm import ImageBindLLM, Retrieve
 from imagebind_llm.model.media import MediaInputs
 
@@ -46,9 +47,7 @@ def loglikelihood(model: ImageBindLLM, pairs: Sequence[tuple[Sequence[int], Sequ
             raise ValueError(f"a pair of {len(context) + len(continuation)} tokens exceeds the context of {limit}")
     device = model.llm.norm.weight.device
     rows = [list(c) + list(x) for c, x in pairs]
-    tokens = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long, device=device)
-    for i, r in enumerate(rows):
-        tokens[i, :len(r)] = torch.tensor(r)
+    tokens, _ = pad_right(rows, device)
     injections = model.media_injections(list(media) if media is not None else None, retrieve)
     logprobs = F.log_softmax(model.llm(tokens, injections=injections).float(), dim=-1)
     scores = []

@@ -147,6 +147,15 @@ def sample(logits: Tensor, *, temperature: float = 0.0, top_k: int | None = None
 # ---------------------------------------------------------------------------------------------- model steps
 
 
+def pad_right(rows: Sequence[Sequence[int]], device: torch.device | str) -> tuple[Tensor, Tensor]:
+    """Token-id rows of different lengths -> right-padded ``[B, S]`` (zeros after each row) and lengths ``[B]``."""
+    lengths = torch.tensor([len(r) for r in rows], device=device)
+    tokens = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+    return tokens, lengths
+
+
 def prefill(model: Transformer, tokens: Tensor, lengths: Tensor,
             injections: Sequence[Tensor | None] | None = None) -> Tensor:
     """Run right-padded prompts ``tokens`` ``[B, S]`` (row ``b`` valid up to ``lengths[b]``) through the
@@ -181,10 +190,7 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], *, max
     bad = [t for p in prompts for t in p if not 0 <= t < vocab]
     if bad:
         raise ValueError(f"prompt token ids {bad[:5]} are outside the model's vocabulary [0, {vocab})")
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    tokens = torch.zeros(len(prompts), max(len(p) for p in prompts), dtype=torch.long, device=device)
-    for row, p in enumerate(prompts):
-        tokens[row, : len(p)] = torch.tensor(p, dtype=torch.long)
+    tokens, lengths = pad_right(prompts, device)
     model.setup_caches(len(prompts), tokens.shape[1] + max_new_tokens)
     step: Callable[..., Tensor] = torch.compile(decode_one_token, dynamic=False) if compile else decode_one_token
     seen = None

@@ -8,8 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 PHASES = ("pretrain", "finetune")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # ModelSpec.dtype names
 
 
 @dataclass
@@ -95,7 +97,7 @@ class ModelSpec:
         if self.phase is not None and self.phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {self.phase!r}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         for field in ("max_seq_len", "lora_rank"):
             if not (isinstance(getattr(self, field), int) and getattr(self, field) >= 1):
                 raise ValueError(f"{field} must be a whole number >= 1, got {getattr(self, field)!r}")

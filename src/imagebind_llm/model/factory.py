@@ -24,7 +24,7 @@ from imagebind_llm.llm.config import LLMConfig
 from imagebind_llm.llm.tokenizer import load_tokenizer
 from imagebind_llm.llm.weights import load_llm
 from imagebind_llm.llm.weights.meta import meta_shards
-from imagebind_llm.model.config import AdapterConfig, ModelSpec
+from imagebind_llm.model.config import DTYPES, AdapterConfig, ModelSpec
 from imagebind_llm.model.convert import (
     CheckpointMismatchError, is_legacy_bind, official_to_ours_state, read_adapter_file,
 )
@@ -35,7 +35,6 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 BASE_MARKER = "imagebind_llm_base.json"  # written by `merge_delta` next to a merged base
 CONFIG_FILE, ADAPTER_FILE = "config.json", "adapter.safetensors"  # our folder format
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # A small ImageBind (official architecture, reduced widths/depths) for the embedded demo and smoke runs;
 # its output width is the released 1024 so the bind network has its real input size.
@@ -62,7 +61,7 @@ def create_model(spec: ModelSpec | str | None = "demo", **changes) -> ImageBindL
     if spec is None or isinstance(spec, str):
         spec = ModelSpec(name=spec)
     spec = _apply_named(spec.replace(**changes))
-    dtype = _DTYPES[spec.dtype]
+    dtype = DTYPES[spec.dtype]
     ours = _our_folder(spec.adapter)
     official = None if spec.adapter is None or ours is not None else read_adapter_file(fetch(spec.adapter))
     loaded = load_llm(spec.llm, dtype=dtype, device=spec.device, quantized=spec.quantized)
@@ -88,7 +87,7 @@ def create_model(spec: ModelSpec | str | None = "demo", **changes) -> ImageBindL
 def build_default(*, phase: str = "finetune", dtype: torch.dtype = torch.float32,
                   device: torch.device | str = "cpu", seed: int = 0) -> ImageBindLLM:
     """The embedded demo: ``create_model("demo")`` with these options."""
-    dtype_name = next(k for k, v in _DTYPES.items() if v == dtype)
+    dtype_name = next(k for k, v in DTYPES.items() if v == dtype)
     return create_model("demo", phase=phase, dtype=dtype_name, device=str(device), seed=seed)
 
 
