@@ -1,7 +1,7 @@
 """The ``imagebind-llm`` command line: a dispatcher only.
 
 Each package adds its own subcommands (``engine.cli``: ask, chat; ``model.cli``: merge-delta; ``hub.cli``:
-weights; ``cache.cli``; ``train.cli``). Each is one ``add_*`` function in `SUBCOMMANDS`: it adds its parser and sets
+weights; ``cache.cli``; ``train.cli``; ``serve.cli``: serve, web). Each is one ``add_*`` function in `SUBCOMMANDS`: it adds its parser and sets
 ``func`` (parsed arguments -> exit code). Errors a user can fix (missing files, unknown formats,
 mismatched weights, invalid options) are printed as one line on stderr with a non-zero exit code;
 ``--debug`` shows the traceback instead.
@@ -20,6 +20,7 @@ from imagebind_llm.engine.cli import add_ask_command, add_chat_command
 from imagebind_llm.hub import DownloadError
 from imagebind_llm.hub.cli import add_weights_command
 from imagebind_llm.model.cli import add_merge_delta_command
+from imagebind_llm.serve.cli import add_serve_commands
 from imagebind_llm.train.cli import add_train_subcommands
 
 EXIT_USER_ERROR = 1
@@ -30,7 +31,7 @@ USER_ERRORS = (OSError, ValueError, DownloadError)
 # One entry per subcommand (or group of subcommands).
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], object]] = [
     add_chat_command, add_ask_command, add_merge_delta_command, add_weights_command, add_cache_subcommands,
-    add_train_subcommands,
+    add_train_subcommands, add_serve_commands,
 ]
 
 

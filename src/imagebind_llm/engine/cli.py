@@ -33,7 +33,7 @@ def add_chat_command(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("prompt", nargs="?", help="the message; omit it for an interactive session")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--template", choices=["model", "alpaca", "chatml", "llama2"],
                    help="prompt template (default: the model's own chat template, else alpaca)")
     p.add_argument("--system", help="system message")
@@ -53,13 +53,14 @@ def add_ask_command(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("question")
-    _add_model_args(p)
+    add_model_args(p)
     _add_media_args(p)
     _add_sampling_args(p, SamplingOptions())  # the official ImageBind-LLM defaults
     p.set_defaults(func=run_ask, template=None, system=None)
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The options that choose a model (`model_spec` reads them): --name --model --adapter --weights ..."""
     g = p.add_argument_group("model")
     g.add_argument("--name", choices=sorted(MODELS), help="a named model (its parts can be overridden below)")
     g.add_argument("--model", help="base LLM: Meta folder (e.g. llama_dir/7B_chinese), Hugging Face folder or .gguf; "
@@ -105,7 +106,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, defaults: SamplingOptions) ->
 
 
 def _media(args: argparse.Namespace) -> dict[str, str]:
-    return {name: getattr(args, name) for name in MODALITIES if getattr(args, name) is not None}
+    return {name: getattr(args, name) for name in MODALITIES if getattr(args, name, None) is not None}
 
 
 def _loaded_media(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, float]]:
@@ -129,14 +130,14 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
                      imagebind_config=args.imagebind_config, phase=args.phase, dtype=args.dtype, device=args.device)
 
 
-def _engine(args: argparse.Namespace, template: str | None) -> Engine:
+def build_engine(args: argparse.Namespace, **options: Any) -> Engine:
+    """The engine of the model options (`model_spec`) and ``--cache``; ``options`` go to `Engine`."""
     cache = None
-    if args.cache:
+    if getattr(args, "cache", None):
         from imagebind_llm.cache import FeatureCache
 
         cache = FeatureCache.load(args.cache)
-    model = create_model(model_spec(args))
-    return Engine(model, cache=cache, max_batch=1, template=template, background=False)
+    return Engine(create_model(model_spec(args)), cache=cache, **options)
 
 
 def _sampling(args: argparse.Namespace) -> SamplingOptions:
@@ -152,7 +153,8 @@ def run_ask(args: argparse.Namespace) -> int:
     if args.model and not (args.adapter or args.weights or args.name):
         raise ValueError("--model and --adapter go together (base LLM + official adapter file), or use --weights")
     (media, weights), sampling, blend = _loaded_media(args), _sampling(args), _blend(args)
-    engine = _engine(args, "alpaca" if args.adapter or args.weights or args.name else None)
+    engine = build_engine(args, max_batch=1, background=False,
+                          template="alpaca" if args.adapter or args.weights or args.name else None)
     handle = engine.submit(Request.ask(args.question, media, weights, sampling=sampling, blend=blend))
     _print(handle.stream(), args.stream)
     return 0
@@ -160,7 +162,7 @@ def run_ask(args: argparse.Namespace) -> int:
 
 def run_chat(args: argparse.Namespace) -> int:
     (media, weights), sampling, blend = _loaded_media(args), _sampling(args), _blend(args)
-    engine = _engine(args, args.template)
+    engine = build_engine(args, max_batch=1, background=False, template=args.template)
     session = ChatSession(engine, media or None, weights, system=args.system, blend=blend)
     if args.prompt is not None:
         _print(session.respond(args.prompt, sampling), args.stream)

@@ -19,12 +19,13 @@ on (or `step` / `run_until_idle` is called), which makes scheduling deterministi
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import functools
 import logging
 import queue
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -60,6 +61,7 @@ class Handle:
         self.completion: Completion | None = None
         self.error: BaseException | None = None
         self.cancelled = False
+        self._listeners: list[Callable[[], None]] = []  # called (on the engine's thread) after each piece
 
     @property
     def done(self) -> bool:
@@ -78,6 +80,25 @@ class Handle:
                 break
             yield piece
         self.result()  # raise the request's error, if any
+
+    async def astream(self) -> AsyncIterator[str]:
+        """`stream` for asyncio code (a server): waits without holding a thread; needs a background engine."""
+        if not self.engine.background:
+            raise RuntimeError("astream needs an engine running in the background (Engine(background=True))")
+        loop, ready = asyncio.get_running_loop(), asyncio.Event()
+        self._listeners.append(lambda: loop.call_soon_threadsafe(ready.set))
+        while True:
+            try:
+                piece = self._pieces.get_nowait()
+            except queue.Empty:
+                await ready.wait()
+                ready.clear()
+                continue
+            if piece is None:
+                break
+            yield piece
+        if self.error is not None:
+            raise self.error
 
     def result(self, timeout: float | None = None) -> Completion:
         """The completion, once finished (drives the scheduler when the engine has no thread)."""
@@ -102,11 +123,17 @@ class Handle:
     def _emit(self, piece: str) -> None:
         if piece:
             self._pieces.put(piece)
+            self._notify()
 
     def _finish(self, completion: Completion | None, error: BaseException | None = None) -> None:
         self.completion, self.error = completion, error
         self._pieces.put(None)
         self._done.set()
+        self._notify()
+
+    def _notify(self) -> None:
+        for listener in self._listeners:
+            listener()
 
 
 @dataclass
@@ -221,6 +248,16 @@ class Engine:
                     scores[i] = score
             return scores
 
+    def run_forever(self) -> None:
+        """Run the scheduler in the calling thread until `stop()`: a server loads the model and serves it from
+        one thread (on a CPU, OpenMP runs ~1.5x slower in a thread other than the one that loaded the model)."""
+        if not self.background:
+            raise RuntimeError("run_forever is for background engines; this one runs when handles are waited on")
+        if self._thread is not None:
+            raise RuntimeError("the engine's scheduler is already running in another thread")
+        self._thread = threading.current_thread()
+        self._loop()
+
     def run_until_idle(self) -> None:
         """Step until no request is waiting or running (for engines without a thread)."""
         while self.step():
@@ -230,7 +267,7 @@ class Engine:
         """Finish nothing more: running and waiting requests end with `EngineStopped`."""
         self._stopped = True
         self._wake()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
         with self.lock:
             for handle in [*(r.handle for r in self._rows), *self._waiting]:
@@ -298,7 +335,7 @@ class Engine:
             with self._wakeup:
                 handle = self._waiting.popleft()
             try:
-                taken.append((handle, self._prompt_ids(handle.request), self._media_of(handle.request)))
+                taken.append((handle, self.prompt_ids(handle.request), self._media_of(handle.request)))
             except Exception as e:  # a bad request fails alone, never the batch
                 handle._finish(None, e)
         if not taken:
@@ -332,7 +369,12 @@ class Engine:
                              "(ModelSpec(imagebind=...))")
         return media
 
-    def _prompt_ids(self, request: Request) -> list[int]:
+    def prompt_ids(self, request: Request) -> list[int]:
+        """The prompt's token ids (``request.prompt_ids`` or the rendered template).
+
+        Raises:
+            ValueError: the prompt is empty or does not fit the context (a caller may check before `submit`).
+        """
         if request.prompt_ids is not None:
             ids = list(request.prompt_ids)
         else:

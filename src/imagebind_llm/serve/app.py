@@ -1,0 +1,229 @@
+"""The OpenAI-compatible HTTP API (FastAPI): `/v1/models`, `/v1/chat/completions`, `/health`, `/metrics`, and
+the web UI at `/ui`.
+
+A chat request is parsed (`protocol`), its media are decoded in the worker pool under the limits
+(`media`), the conversation becomes one engine `Request` (all media parts of the conversation mixed by
+their weights into the one injected feature) and joins the running batch; the answer is returned whole
+or streamed as server-sent events. A client that disconnects frees its row at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from imagebind_llm.engine import EngineStopped, Handle, QueueFullError, Request
+from imagebind_llm.serve.protocol import (APIError, ChatRequest, bad_request, chunk_object, completion_id,
+                                          completion_object, model_list, parse_chat_request, too_large, usage)
+from imagebind_llm.serve.service import Service
+
+log = logging.getLogger(__name__)
+_PROTECTED = ("/v1/", "/metrics")
+
+
+def create_app(service: Service) -> FastAPI:
+    """The FastAPI app of ``service`` (call ``service.start()`` to load its model, if it has a loader)."""
+    app = FastAPI(title="imagebind-llm", docs_url=None, redoc_url=None)
+    app.state.service = service
+    config = service.config
+
+    @app.middleware("http")
+    async def authenticate_and_count(request: HTTPRequest, call_next: Any) -> Response:
+        path = request.url.path
+        if config.api_key and path.startswith(_PROTECTED) and not _authorized(request, config.api_key):
+            response = _error_response(service, APIError(401, "missing or wrong API key: send 'Authorization: Bearer "
+                                                              "<key>'", type="authentication_error",
+                                                         code="invalid_api_key"))
+        else:
+            response = await call_next(request)
+        if path.startswith("/v1/"):
+            service.metrics.requests.labels(path, str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(APIError)
+    async def api_error(request: HTTPRequest, error: APIError) -> JSONResponse:
+        return _error_response(service, error)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: HTTPRequest, error: HTTPException) -> JSONResponse:
+        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        return _error_response(service, APIError(error.status_code, str(error.detail), type=kind))
+
+    @app.exception_handler(Exception)
+    async def server_error(request: HTTPRequest, error: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return _error_response(service, APIError(500, "internal server error (details are in the server's log)",
+                                                 type="server_error", code="internal_error"))
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if service.ready:
+            return JSONResponse({"status": "ok", "model": config.model_id})
+        if service.load_error is not None:
+            return JSONResponse({"status": "error", "message": str(service.load_error)}, status_code=500)
+        return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        return JSONResponse(model_list(config.model_id))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HTTPRequest) -> Response:
+        arrival = time.monotonic()
+        body = await read_json(request, config.max_body_bytes)
+        engine = service.engine  # 503 while loading
+        chat = parse_chat_request(body, default_model=config.model_id, max_media_items=config.max_media_items)
+        tensors = await service.decode(chat.media)
+        engine_request = _engine_request(chat, tensors)
+        try:
+            prompt_ids = engine.prompt_ids(engine_request)
+        except ValueError as e:
+            code = "context_length_exceeded" if "context" in str(e) else None
+            raise bad_request(str(e), "messages", code) from None
+        engine_request.prompt_ids = prompt_ids
+        try:
+            handle = engine.submit(engine_request)
+        except QueueFullError as e:
+            raise APIError(429, f"{e}", type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
+        except EngineStopped as e:
+            raise APIError(503, str(e), type="unavailable_error", code="engine_stopped") from None
+        service.metrics.prompt_tokens.inc(len(prompt_ids))
+        answer = _Answer(service, handle, chat, len(prompt_ids), arrival)
+        if chat.stream:
+            return StreamingResponse(answer.events(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return JSONResponse(await answer.whole(request))
+
+    if config.ui:
+        from imagebind_llm.serve.ui import mount_ui
+
+        app = mount_ui(app, service)
+    return app
+
+
+def _authorized(request: HTTPRequest, key: str) -> bool:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
+def _error_response(service: Service, error: APIError) -> JSONResponse:
+    service.metrics.errors.labels(error.type, str(error.code)).inc()
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+async def read_json(request: HTTPRequest, limit: int) -> Any:
+    """The body as JSON, refused with 413 as soon as it passes ``limit`` bytes (never read whole first)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise too_large(f"the request body is {int(declared):,} bytes; the limit is {limit:,} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(f"the request body is over the {limit:,}-byte limit")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad_request(f"the request body is not valid JSON: {e}") from None
+
+
+def _engine_request(chat: ChatRequest, tensors: list[Any]) -> Request:
+    """The engine request: the text conversation, with every media part riding on the last user message."""
+    messages: list[dict[str, Any]] = [dict(m) for m in chat.messages]
+    parts = [{"type": p.modality, p.modality: t, "weight": p.weight} for p, t in zip(chat.media, tensors)]
+    if parts:
+        messages[-1] = {"role": "user", "content": [*parts, {"type": "text", "text": messages[-1]["content"]}]}
+    return Request(messages=messages, sampling=chat.sampling, blend=chat.blend)
+
+
+class _Answer:
+    """One submitted request's answer, whole or as server-sent events; the row is freed if the client leaves."""
+
+    def __init__(self, service: Service, handle: Handle, chat: ChatRequest, prompt_tokens: int, arrival: float) -> None:
+        self.service, self.handle, self.chat = service, handle, chat
+        self.prompt_tokens, self.arrival = prompt_tokens, arrival
+        self.id, self.created = completion_id(), int(time.time())
+
+    async def pieces(self, request: HTTPRequest | None) -> AsyncIterator[str]:
+        """The answer's text pieces, leading whitespace removed (the Alpaca answer starts with a space).
+
+        With ``request``, the client is watched for a disconnect; a streaming response needs no watcher
+        (Starlette cancels it when the client leaves).
+        """
+        watcher = request and asyncio.create_task(_cancel_on_disconnect(request, self.handle))
+        first, started = True, False
+        try:
+            async for piece in self.handle.astream():
+                if first:
+                    self.service.metrics.ttft.observe(time.monotonic() - self.arrival)
+                    first = False
+                if not started:
+                    piece = piece.lstrip()
+                    started = bool(piece)
+                if piece:
+                    yield piece
+        finally:
+            if watcher:
+                watcher.cancel()
+            if not self.handle.done:
+                self.handle.cancel()  # the client went away (or the stream failed): free the row
+        completion = self.handle.completion
+        self.service.metrics.tokens(len(completion.tokens))
+        self.service.metrics.latency.observe(time.monotonic() - self.arrival)
+
+    async def whole(self, request: HTTPRequest) -> dict[str, Any]:
+        text = "".join([piece async for piece in self.pieces(request)])
+        completion = self.handle.completion
+        return completion_object(self.id, self.created, self.chat.model, text.rstrip(), completion.finish_reason,
+                                 self.prompt_tokens, len(completion.tokens))
+
+    async def events(self) -> AsyncIterator[str]:
+        """SSE: the role first, the content (``finish_reason`` on the last content chunk), usage, ``[DONE]``."""
+        def event(obj: dict[str, Any]) -> str:
+            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+        def chunk(delta: dict[str, str], finish: str | None = None) -> str:
+            return event(chunk_object(self.id, self.created, self.chat.model, delta, finish))
+
+        yield chunk({"role": "assistant", "content": ""})
+        pending: str | None = None  # held back one piece so that the last one carries finish_reason
+        try:
+            async for piece in self.pieces(None):
+                if pending is not None:
+                    yield chunk({"content": pending})
+                pending = piece
+        except Exception as e:
+            error = e if isinstance(e, APIError) else APIError(500, f"generation failed ({type(e).__name__})",
+                                                               type="server_error", code="generation_failed")
+            log.warning("stream %s failed: %s", self.id, e)
+            yield event(error.body())
+            yield "data: [DONE]\n\n"
+            return
+        completion = self.handle.completion
+        yield chunk({"content": pending or ""}, completion.finish_reason)
+        if self.chat.include_usage:
+            yield event(chunk_object(self.id, self.created, self.chat.model, None,
+                                     usage_=usage(self.prompt_tokens, len(completion.tokens))))
+        yield "data: [DONE]\n\n"
+
+
+async def _cancel_on_disconnect(request: HTTPRequest, handle: Handle) -> None:
+    while not handle.done:
+        if await request.is_disconnected():
+            handle.cancel()
+            return
+        await asyncio.sleep(0.25)

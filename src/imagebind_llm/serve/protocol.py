@@ -1,0 +1,282 @@
+"""OpenAI's Chat Completions wire format: the request body -> a parsed request, and the response objects.
+
+Parsing never decodes media: it checks the body's shape and turns every media part into a `MediaPart`
+(what to decode, and where it was in the body, for error messages); `imagebind_llm.serve.media`
+decodes them under the server's limits.
+
+Content parts (``messages[i].content`` as a list):
+
+* ``{"type": "text", "text": ...}``
+* ``{"type": "image_url", "image_url": {"url": "data:image/png;base64,..." | "https://..."}}``
+* ``{"type": "input_audio", "input_audio": {"data": base64, "format": "wav|mp3|flac|ogg"}}``
+* ``{"type": "video_url", "video_url": {"url": ...}}``, ``{"type": "audio_url", "audio_url": {"url": ...}}`` (vLLM)
+* ``{"type": "input_media", "modality": "point|depth|thermal|imu|image|audio|video", "data": base64,
+  "format": "npy|ply|png|..."}``, and ``{"type": "input_media", "modality": "text", "text": "a dog barking"}``
+  (text embedded by ImageBind, not read by the LLM)
+
+Every media part may carry ``"weight"`` (default 1): its share of the official weighted mix. The
+retrieval cache is set with the extra body field ``"cache": {"top_k", "temperature", "weight"}``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from imagebind_llm.engine import BlendOptions, UnknownModalityError, modality
+from imagebind_llm.llm.generate import SamplingOptions
+
+
+class APIError(Exception):
+    """An error returned to the client as OpenAI's ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def too_large(message: str, param: str | None = None) -> APIError:
+    return APIError(413, message, param=param, code="too_large")
+
+
+@dataclass
+class MediaPart:
+    """One media part before decoding.
+
+    Attributes:
+        modality: the request modality name (``image``, ``audio``, ...).
+        param: where it is in the body (``messages[0].content[1]``).
+        data: base64 text (``None`` when ``url`` is set); for ``text``, the string itself.
+        url: a ``data:`` or ``http(s)`` URL.
+        format: the file format the client named (``wav``, ``npy``), if any.
+        weight: the part's share of the mix.
+    """
+
+    modality: str
+    param: str
+    data: str | None = None
+    url: str | None = None
+    format: str | None = None
+    weight: float = 1.0
+
+
+@dataclass
+class ChatRequest:
+    """A parsed chat-completion request."""
+
+    messages: list[dict[str, str]]  # text only, for the chat template
+    media: list[MediaPart]
+    sampling: SamplingOptions
+    blend: BlendOptions
+    model: str
+    stream: bool = False
+    include_usage: bool = False
+
+
+_URL_PARTS = {"image_url": "image", "video_url": "video", "audio_url": "audio"}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+MAX_STOP_STRINGS = 4
+
+
+def parse_chat_request(body: Any, *, default_model: str, max_media_items: int) -> ChatRequest:
+    """Check a ``/v1/chat/completions`` body; media stay undecoded.
+
+    Raises:
+        APIError: 400 naming the field (``param``) and what to send instead; 413 for too many media items.
+    """
+    if not isinstance(body, Mapping):
+        raise bad_request("the request body must be a JSON object")
+    raw_messages = body.get("messages")
+    if not isinstance(raw_messages, list) or not raw_messages:
+        raise bad_request("'messages' must be a non-empty list of {'role', 'content'} objects", "messages")
+    messages, media = [], []
+    for i, message in enumerate(raw_messages):
+        text, parts = _parse_message(message, f"messages[{i}]")
+        role = _ROLES[message["role"]]
+        if role == "system" and messages:
+            raise bad_request("only the first message may be a system message", f"messages[{i}].role")
+        messages.append({"role": role, "content": text})
+        media += parts
+    if messages[-1]["role"] != "user":
+        raise bad_request("the last message must be from the user", f"messages[{len(messages) - 1}].role")
+    if len(media) > max_media_items:
+        raise too_large(f"the request has {len(media)} media parts; this server takes at most {max_media_items}",
+                        "messages")
+    seen: dict[str, str] = {}
+    for part in media:
+        if part.modality in seen:
+            raise bad_request(f"{part.param} is a second {part.modality} input (the first is {seen[part.modality]}); "
+                              "ImageBind-LLM mixes one input per modality into one feature: send one per modality",
+                              part.param)
+        seen[part.modality] = part.param
+    n = body.get("n", 1)
+    if n != 1:
+        raise bad_request(f"n={n!r} is not supported; this server returns one choice per request (n=1)", "n")
+    stream = _optional(body, "stream", bool, False)
+    stream_options = _optional(body, "stream_options", Mapping, {}) or {}
+    return ChatRequest(messages=messages, media=media, sampling=_sampling(body), blend=_blend(body),
+                       model=_optional(body, "model", str, default_model) or default_model, stream=stream,
+                       include_usage=bool(stream and stream_options.get("include_usage")))
+
+
+def _parse_message(message: Any, param: str) -> tuple[str, list[MediaPart]]:
+    if not isinstance(message, Mapping):
+        raise bad_request("each message must be an object with 'role' and 'content'", param)
+    role = message.get("role")
+    if role not in _ROLES:
+        raise bad_request(f"role {role!r} is not supported; use one of {sorted(_ROLES)}", f"{param}.role")
+    content = message.get("content")
+    if content is None and role == "assistant":
+        return "", []
+    if isinstance(content, str):
+        return content, []
+    if not isinstance(content, list):
+        raise bad_request("'content' must be a string or a list of content parts", f"{param}.content")
+    texts, media = [], []
+    for j, part in enumerate(content):
+        where = f"{param}.content[{j}]"
+        if not isinstance(part, Mapping):
+            raise bad_request("each content part must be an object with a 'type'", where)
+        kind = part.get("type")
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise bad_request("a text part needs a string 'text'", f"{where}.text")
+            texts.append(part["text"])
+        elif role != "user":
+            raise bad_request(f"{role} messages may only hold text parts, got {kind!r}", f"{where}.type")
+        else:
+            media.append(_media_part(part, where))
+    return "\n".join(texts), media
+
+
+def _media_part(part: Mapping[str, Any], where: str) -> MediaPart:
+    kind = part.get("type")
+    weight = part.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (math.isfinite(weight) and weight >= 0):
+        raise bad_request(f"'weight' must be a finite number >= 0, got {weight!r}", f"{where}.weight")
+    if kind in _URL_PARTS:
+        value = part.get(kind)
+        url = value.get("url") if isinstance(value, Mapping) else value
+        if not isinstance(url, str) or not url:
+            raise bad_request(f"a {kind} part needs {{'{kind}': {{'url': ...}}}}", f"{where}.{kind}.url")
+        return MediaPart(_URL_PARTS[kind], where, url=url, weight=float(weight))
+    if kind == "input_audio":
+        value = part.get("input_audio")
+        if not isinstance(value, Mapping) or not isinstance(value.get("data"), str):
+            raise bad_request("an input_audio part needs {'input_audio': {'data': base64, 'format': 'wav'}}",
+                              f"{where}.input_audio.data")
+        data, fmt = value["data"], value.get("format")
+        if data.startswith("data:"):  # some gateways send a data URL here
+            return MediaPart("audio", where, url=data, format=fmt, weight=float(weight))
+        return MediaPart("audio", where, data=data, format=fmt, weight=float(weight))
+    if kind == "input_media":
+        try:
+            name = modality(str(part.get("modality"))).name
+        except UnknownModalityError as e:
+            raise bad_request(str(e), f"{where}.modality", "unsupported_media") from None
+        if name == "text":
+            if not isinstance(part.get("text"), str) or not part["text"]:
+                raise bad_request("an input_media part of modality text needs a string 'text'", f"{where}.text")
+            return MediaPart("text", where, data=part["text"], weight=float(weight))
+        if not isinstance(part.get("data"), str):
+            raise bad_request("an input_media part needs base64 'data' and a 'format' (npy, ply, png, ...)",
+                              f"{where}.data")
+        return MediaPart(name, where, data=part["data"], format=part.get("format"), weight=float(weight))
+    raise bad_request(f"unsupported content part type {kind!r}; use text, image_url, input_audio, video_url, "
+                      "audio_url or input_media", f"{where}.type", "unsupported_media")
+
+
+def _optional(body: Mapping[str, Any], name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
+        expected = getattr(kind, "__name__", "number")
+        raise bad_request(f"'{name}' must be a {expected}, got {value!r}", name)
+    return value
+
+
+def _sampling(body: Mapping[str, Any]) -> SamplingOptions:
+    """The sampling options; unset fields keep ImageBind-LLM's official defaults (256 tokens, 0.1, 0.75)."""
+    defaults = SamplingOptions()
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    if max_tokens is None:
+        max_tokens = defaults.max_new_tokens
+    elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise bad_request(f"'{param}' must be a whole number >= 1, got {max_tokens!r}", param)
+    temperature = _optional(body, "temperature", (int, float), defaults.temperature)
+    if not (math.isfinite(temperature) and 0 <= temperature <= 2):
+        raise bad_request(f"'temperature' must be in [0, 2], got {temperature!r}", "temperature")
+    top_p = _optional(body, "top_p", (int, float), defaults.top_p)
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise bad_request(f"'top_p' must be in (0, 1], got {top_p!r}", "top_p")
+    seed = _optional(body, "seed", int, None)
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop or []
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOP_STRINGS:
+        raise bad_request(f"'stop' must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them",
+                          "stop")
+    return SamplingOptions(max_new_tokens=max_tokens, temperature=float(temperature),
+                           top_p=None if top_p >= 1 else float(top_p), seed=seed, stop_strings=tuple(stops))
+
+
+def _blend(body: Mapping[str, Any]) -> BlendOptions:
+    cache = _optional(body, "cache", Mapping, {})
+    unknown = sorted(set(cache) - {"top_k", "temperature", "weight"})
+    if unknown:
+        raise bad_request(f"unknown cache settings {unknown}; use top_k, temperature, weight", "cache")
+    try:
+        return BlendOptions(**cache)
+    except (TypeError, ValueError) as e:
+        raise bad_request(str(e), "cache") from None
+
+
+# ---------------------------------------------------------------- responses
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_object(id: str, created: int, model: str, text: str, finish_reason: str,
+                      prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """A ``chat.completion`` object."""
+    return {"id": id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": FINISH_REASONS.get(finish_reason, "stop"), "logprobs": None}],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def chunk_object(id: str, created: int, model: str, delta: dict[str, str] | None,
+                 finish_reason: str | None = None, usage_: dict[str, int] | None = None) -> dict[str, Any]:
+    """A ``chat.completion.chunk``; ``delta=None`` gives the usage chunk (``choices: []``)."""
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
+                                          "finish_reason": finish_reason and FINISH_REASONS.get(finish_reason, "stop")}]
+    return {"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices,
+            "usage": usage_}
+
+
+def model_list(model_id: str, created: int | None = None) -> dict[str, Any]:
+    return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created or int(time.time()),
+                                        "owned_by": "imagebind-llm"}]}
+
