@@ -55,3 +55,69 @@ def hf_smollm2(smollm2_gguf):
 
     return transformers.AutoModelForCausalLM.from_pretrained(
         smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def seeing_demo():
+    """The embedded demo model with its gates at 0.5, so that media change the answers (512-token context).
+
+    One engine at a time may use it (an engine owns the model's KV cache)."""
+    import imagebind_llm as ibl
+
+    model = ibl.create_model("demo", max_seq_len=512)
+    with torch.no_grad():
+        for gate in model.gates:
+            gate.fill_(0.5)
+    return model
+
+
+class LiveServer:
+    """A server of ours running on 127.0.0.1 in a thread: ``url`` (``http://127.0.0.1:PORT``), ``service``."""
+
+    def __init__(self, service, port: int, thread, server) -> None:
+        self.service, self.port, self._thread, self._server = service, port, thread, server
+        self.url = f"http://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=30)
+        self.service.close()
+
+
+@pytest.fixture
+def start_server(seeing_demo):
+    """``start_server(engine=None, **ServeConfig fields) -> LiveServer``: the API (and UI) of `seeing_demo` (or of
+    ``engine``) on a free port; stopped after the test."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from imagebind_llm.engine import Engine
+    from imagebind_llm.serve.app import create_app
+    from imagebind_llm.serve.config import ServeConfig
+    from imagebind_llm.serve.service import Service
+
+    started = []
+
+    def start(engine=None, **config) -> LiveServer:
+        engine = engine or Engine(seeing_demo, max_batch=8, max_context=512)
+        service = Service(ServeConfig(**{"ui": False, **config}), engine=engine)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.05)
+        started.append(LiveServer(service, port, thread, server))
+        return started[-1]
+
+    yield start
+    for live in started:
+        live.stop()

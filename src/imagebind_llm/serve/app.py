@@ -19,6 +19,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from imagebind_llm.engine import EngineStopped, Handle, QueueFullError, Request
@@ -36,18 +37,7 @@ def create_app(service: Service) -> FastAPI:
     app.state.service = service
     config = service.config
 
-    @app.middleware("http")
-    async def authenticate_and_count(request: HTTPRequest, call_next: Any) -> Response:
-        path = request.url.path
-        if config.api_key and path.startswith(_PROTECTED) and not _authorized(request, config.api_key):
-            response = _error_response(service, APIError(401, "missing or wrong API key: send 'Authorization: Bearer "
-                                                              "<key>'", type="authentication_error",
-                                                         code="invalid_api_key"))
-        else:
-            response = await call_next(request)
-        if path.startswith("/v1/"):
-            service.metrics.requests.labels(path, str(response.status_code)).inc()
-        return response
+    app.add_middleware(_Guard, service=service)
 
     @app.exception_handler(APIError)
     async def api_error(request: HTTPRequest, error: APIError) -> JSONResponse:
@@ -114,8 +104,37 @@ def create_app(service: Service) -> FastAPI:
     return app
 
 
-def _authorized(request: HTTPRequest, key: str) -> bool:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+class _Guard:
+    """ASGI middleware: the API key on `/v1/*` and `/metrics` (compared in constant time), and requests counted
+    by status. Plain ASGI, so that a handler still sees its client disconnect."""
+
+    def __init__(self, app: Any, service: Service) -> None:
+        self.app, self.service = app, service
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, key = scope["path"], self.service.config.api_key
+        if key and path.startswith(_PROTECTED) and not _authorized(Headers(scope=scope), key):
+            error = APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                             type="authentication_error", code="invalid_api_key")
+            return await _error_response(self.service, error)(scope, receive, send)
+        status = []
+
+        async def send_and_note(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            if path.startswith("/v1/") and status:
+                self.service.metrics.requests.labels(path, str(status[0])).inc()
+
+
+def _authorized(headers: Headers, key: str) -> bool:
+    scheme, _, token = headers.get("authorization", "").partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
 
 
