@@ -1,6 +1,8 @@
 """The engine: continuous batching gives each request exactly what it gets alone; cancellation, the bounded
 queue, streaming, per-request errors, and log-likelihood scoring against the model's own logits."""
 
+import asyncio
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,14 +16,10 @@ from imagebind_llm.llm.generate import GREEDY
 MEDIA = Path(__file__).parent / "fixtures" / "media"
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture
+def model(seeing_demo):
     """The embedded demo with non-zero gates, so that media change the answers."""
-    model = ibl.create_model("demo", max_seq_len=512)
-    with torch.no_grad():
-        for gate in model.gates:
-            gate.fill_(0.5)
-    return model
+    return seeing_demo
 
 
 def _requests() -> list[Request]:
@@ -117,6 +115,37 @@ def test_background_thread_streams_pieces_that_make_the_result(model):
         assert streamed == [h.result().text for h in handles]
     finally:
         engine.stop()
+
+
+def test_astream_gives_asyncio_code_the_same_pieces(model):
+    engine = Engine(model, max_batch=4)
+    try:
+        handles = [engine.submit(r) for r in _requests()[:4]]
+
+        async def collect() -> list[str]:
+            async def text(handle) -> str:
+                return "".join([piece async for piece in handle.astream()])
+            return await asyncio.gather(*(text(h) for h in handles))
+
+        assert asyncio.run(collect()) == [h.result().text for h in handles]
+    finally:
+        engine.stop()
+    with pytest.raises(RuntimeError, match="background"):
+        asyncio.run(Engine(model, background=False).submit(Request.ask("Hi")).astream().__anext__())
+
+
+def test_run_forever_serves_from_the_calling_thread_until_stopped(model):
+    engine = Engine(model, max_batch=2)
+    thread = threading.Thread(target=engine.run_forever)
+    thread.start()
+    try:
+        request = Request.ask("Hi", sampling=GREEDY.replace(max_new_tokens=5))
+        assert engine.submit(request).result(timeout=60).tokens == Engine(model, background=False).generate(request).tokens
+        assert engine._thread is thread  # no second scheduler thread was started
+    finally:
+        engine.stop()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
 
 
 def test_loglikelihood_is_the_sum_of_the_per_token_logprobs(model):
