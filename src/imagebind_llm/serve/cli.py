@@ -73,6 +73,8 @@ def run_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise ValueError(f"the server needs the 'serve' extra ({e.name} is missing): pip install "
                          "'imagebind-llm[serve]'") from None
+    if args.web and args.no_ui:
+        raise ValueError("`web` serves the UI: drop --no-ui (or use `serve --no-ui` for the API alone)")
     config = serve_config(args)
     if not (args.name or args.model or args.adapter or args.weights):
         args.name = "demo"  # media need an encoder: the embedded demo model has one
@@ -83,8 +85,12 @@ def run_serve(args: argparse.Namespace) -> int:
     app = create_app(service)
     service.start()
     where = f"http://{args.host}:{args.port}"
-    print(f"imagebind-llm: serving {where}/v1 (OpenAI API)" + ("" if args.no_ui else f" and {where}/ui (web UI)")
-          + "; the model is loading", file=sys.stderr)
+    if args.web:
+        print(f"imagebind-llm: open {where}/ui in a browser (the API is at {where}/v1); the model is loading",
+              file=sys.stderr)
+    else:
+        print(f"imagebind-llm: serving {where}/v1 (OpenAI API)" + ("" if args.no_ui else f" and {where}/ui (web UI)")
+              + "; the model is loading", file=sys.stderr)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
         print(f"warning: listening on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
