@@ -88,10 +88,14 @@ def test_cancelled_request_frees_its_row_at_once(model):
 
 def test_a_full_queue_refuses_with_a_clear_error(model):
     engine = Engine(model, background=False, max_batch=1, max_queue=2)
-    engine.submit(Request.ask("a"))
-    engine.submit(Request.ask("b"))
-    with pytest.raises(QueueFullError, match=r"queue is full \(2 waiting requests\).*max_queue"):
-        engine.submit(Request.ask("c"))
+    for question in "abc":  # one for the free row, two to wait
+        engine.submit(Request.ask(question))
+    with pytest.raises(QueueFullError, match=r"queue is full \(3 waiting requests\).*max_queue"):
+        engine.submit(Request.ask("d"))
+    engine.step()  # "a" runs: "b" and "c" wait
+    with pytest.raises(QueueFullError):
+        engine.submit(Request.ask("d"))
+    assert Engine(model, background=False, max_batch=1, max_queue=0).submit(Request.ask("a"))  # a free row
 
 
 def test_a_bad_request_fails_alone(model):
@@ -105,6 +109,12 @@ def test_a_bad_request_fails_alone(model):
         bad.result()
     with pytest.raises(Exception, match="nope.jpg"):
         missing.result()
+    unseedable = engine.submit(Request.ask("Hi", sampling=GREEDY.replace(seed=2 ** 70)))  # fails making its row
+    fine = engine.submit(Request.ask("Hi", sampling=GREEDY.replace(max_new_tokens=3)))
+    engine.run_until_idle()
+    with pytest.raises(Exception):
+        unseedable.result()
+    assert len(fine.result().tokens) == 3
 
 
 def test_background_thread_streams_pieces_that_make_the_result(model):

@@ -159,7 +159,7 @@ class Engine:
         model: the model (the engine owns its KV cache from now on).
         cache: the retrieval cache (`FeatureCache`, `ExactBank`, ...) or None.
         max_batch: rows decoded together (KV-cache rows).
-        max_queue: waiting requests accepted before `submit` refuses.
+        max_queue: requests accepted beyond the free rows before `submit` refuses.
         max_context: KV-cache slots per row (prompt + answer); default ``min(max_seq_len, 2048)``.
         template: prompt template name (`imagebind_llm.llm.chat.choose_template`); None: the model's own
             chat template, else Alpaca (ImageBind-LLM's format).
@@ -205,7 +205,7 @@ class Engine:
             raise EngineStopped("the engine is stopped; create a new one")
         handle = Handle(self, request)
         with self._wakeup:
-            if len(self._waiting) >= self.max_queue:
+            if len(self._waiting) >= self.max_queue + self.max_batch - len(self._rows):  # free rows take some
                 raise QueueFullError(f"the engine's queue is full ({len(self._waiting)} waiting requests); retry "
                                      "later or raise max_queue")
             self._waiting.append(handle)
@@ -330,22 +330,22 @@ class Engine:
         if not self._should_admit():
             return
         free = self.max_batch - len(self._rows)
-        taken: list[tuple[Handle, list[int], MediaInputs | torch.Tensor | None]] = []
+        taken: list[tuple[Handle, list[int], MediaInputs | torch.Tensor | None, _Row]] = []
         while free > len(taken) and self._waiting:
             with self._wakeup:
                 handle = self._waiting.popleft()
             try:
-                taken.append((handle, self.prompt_ids(handle.request), self._media_of(handle.request)))
+                ids, media = self.prompt_ids(handle.request), self._media_of(handle.request)
+                taken.append((handle, ids, media, self._new_row(handle, ids, media is not None)))
             except Exception as e:  # a bad request fails alone, never the batch
                 handle._finish(None, e)
         if not taken:
             return
         start = len(self._rows)
-        for handle, ids, media in taken:  # rows first: if encoding fails, `step` fails exactly these requests
-            self._rows.append(self._new_row(handle, ids, media is not None))
+        self._rows += [row for *_, row in taken]  # rows first: if encoding fails, `step` fails exactly these requests
         self.model.llm.setup_caches(self.max_batch, self.max_context)  # a no-op while the cache is ours
-        self._write_injections(start, [h.request for h, _, _ in taken], [m for _, _, m in taken])
-        self._prefill(start, [ids for _, ids, _ in taken])
+        self._write_injections(start, [h.request for h, *_ in taken], [m for _, _, m, _ in taken])
+        self._prefill(start, [ids for _, ids, *_ in taken])
 
     def encode(self, request: Request) -> torch.Tensor | None:
         """The mixed ImageBind feature ``[1, feature_dim]`` of ``request``'s media (None without media), to

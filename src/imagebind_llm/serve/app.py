@@ -46,7 +46,8 @@ def create_app(service: Service) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def http_error(request: HTTPRequest, error: HTTPException) -> JSONResponse:
         kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
-        return _error_response(service, APIError(error.status_code, str(error.detail), type=kind))
+        return _error_response(service, APIError(error.status_code, str(error.detail), type=kind,
+                                                 headers=error.headers))  # 405 keeps its Allow
 
     @app.exception_handler(Exception)
     async def server_error(request: HTTPRequest, error: Exception) -> JSONResponse:
@@ -87,7 +88,8 @@ def create_app(service: Service) -> FastAPI:
         try:
             handle = engine.submit(engine_request)
         except QueueFullError as e:
-            raise APIError(429, f"{e}", type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
+            raise APIError(429, str(e), type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": "1"}) from None
         except EngineStopped as e:
             raise APIError(503, str(e), type="unavailable_error", code="engine_stopped") from None
         service.metrics.prompt_tokens.inc(len(prompt_ids))
@@ -156,7 +158,7 @@ async def read_json(request: HTTPRequest, limit: int) -> Any:
         chunks.append(chunk)
     try:
         return json.loads(b"".join(chunks))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, a 5000-digit number, [[[[...
         raise bad_request(f"the request body is not valid JSON: {e}") from None
 
 

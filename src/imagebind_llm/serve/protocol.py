@@ -36,6 +36,7 @@ class APIError(Exception):
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None, headers: Mapping[str, str] | None = None) -> None:
+        message = " ".join(str(message).split())  # one line, whatever a decoder's error said
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = dict(headers or {})
@@ -89,6 +90,15 @@ class ChatRequest:
 _URL_PARTS = {"image_url": "image", "video_url": "video", "audio_url": "audio"}
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP_STRINGS = 4
+SEED_RANGE = range(-(2 ** 63), 2 ** 64)  # what torch.Generator.manual_seed takes
+
+
+def _finite(value: float) -> bool:
+    """``math.isfinite``, False for integers too large for a float (a 400-digit JSON number)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def parse_chat_request(body: Any, *, default_model: str, max_media_items: int) -> ChatRequest:
@@ -122,8 +132,8 @@ def parse_chat_request(body: Any, *, default_model: str, max_media_items: int) -
                               "ImageBind-LLM mixes one input per modality into one feature: send one per modality",
                               part.param)
         seen[part.modality] = part.param
-    n = body.get("n", 1)
-    if n != 1:
+    n = body.get("n")
+    if n is not None and n != 1:
         raise bad_request(f"n={n!r} is not supported; this server returns one choice per request (n=1)", "n")
     stream = _optional(body, "stream", bool, False)
     stream_options = _optional(body, "stream_options", Mapping, {}) or {}
@@ -165,7 +175,7 @@ def _parse_message(message: Any, param: str) -> tuple[str, list[MediaPart]]:
 def _media_part(part: Mapping[str, Any], where: str) -> MediaPart:
     kind = part.get("type")
     weight = part.get("weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (math.isfinite(weight) and weight >= 0):
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (_finite(weight) and weight >= 0):
         raise bad_request(f"'weight' must be a finite number >= 0, got {weight!r}", f"{where}.weight")
     if kind in _URL_PARTS:
         value = part.get(kind)
@@ -203,7 +213,8 @@ def _optional(body: Mapping[str, Any], name: str, kind: type | tuple[type, ...],
     value = body.get(name)
     if value is None:
         return default
-    if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in kinds):
         expected = getattr(kind, "__name__", "number")
         raise bad_request(f"'{name}' must be a {expected}, got {value!r}", name)
     return value
@@ -212,19 +223,21 @@ def _optional(body: Mapping[str, Any], name: str, kind: type | tuple[type, ...],
 def _sampling(body: Mapping[str, Any]) -> SamplingOptions:
     """The sampling options; unset fields keep ImageBind-LLM's official defaults (256 tokens, 0.1, 0.75)."""
     defaults = SamplingOptions()
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = body.get(param)
     if max_tokens is None:
         max_tokens = defaults.max_new_tokens
     elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise bad_request(f"'{param}' must be a whole number >= 1, got {max_tokens!r}", param)
     temperature = _optional(body, "temperature", (int, float), defaults.temperature)
-    if not (math.isfinite(temperature) and 0 <= temperature <= 2):
+    if not (_finite(temperature) and 0 <= temperature <= 2):
         raise bad_request(f"'temperature' must be in [0, 2], got {temperature!r}", "temperature")
     top_p = _optional(body, "top_p", (int, float), defaults.top_p)
-    if not (math.isfinite(top_p) and 0 < top_p <= 1):
+    if not (_finite(top_p) and 0 < top_p <= 1):
         raise bad_request(f"'top_p' must be in (0, 1], got {top_p!r}", "top_p")
     seed = _optional(body, "seed", int, None)
+    if seed is not None and seed not in SEED_RANGE:
+        raise bad_request(f"'seed' must be in [-2**63, 2**64), got {seed}", "seed")
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else stop or []
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOP_STRINGS:
@@ -241,7 +254,7 @@ def _blend(body: Mapping[str, Any]) -> BlendOptions:
         raise bad_request(f"unknown cache settings {unknown}; use top_k, temperature, weight", "cache")
     try:
         return BlendOptions(**cache)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise bad_request(str(e), "cache") from None
 
 
