@@ -1,8 +1,8 @@
 """The ``imagebind-llm`` command line: a dispatcher only.
 
 Each package adds its own subcommands (``engine.cli``: ask, chat; ``model.cli``: merge-delta; ``hub.cli``:
-weights; ``cache.cli``; ``train.cli``; ``serve.cli``: serve, web). Each is one ``add_*`` function in `SUBCOMMANDS`: it adds its parser and sets
-``func`` (parsed arguments -> exit code). Errors a user can fix (missing files, unknown formats,
+weights; ``cache.cli``; ``train.cli``; ``serve.cli``: serve, web; ``eval.cli``: eval). Each is one ``add_*``
+function in `SUBCOMMANDS`: it adds its parser and sets ``func`` (parsed arguments -> exit code). Errors a user can fix (missing files, unknown formats,
 mismatched weights, invalid options) are printed as one line on stderr with a non-zero exit code;
 ``--debug`` shows the traceback instead.
 """
@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from imagebind_llm import __version__
 from imagebind_llm.cache.cli import add_cache_subcommands
 from imagebind_llm.engine.cli import add_ask_command, add_chat_command
+from imagebind_llm.eval.cli import add_eval_commands
 from imagebind_llm.hub import DownloadError
 from imagebind_llm.hub.cli import add_weights_command
 from imagebind_llm.model.cli import add_merge_delta_command
@@ -31,7 +32,7 @@ USER_ERRORS = (OSError, ValueError, DownloadError)
 # One entry per subcommand (or group of subcommands).
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], object]] = [
     add_chat_command, add_ask_command, add_merge_delta_command, add_weights_command, add_cache_subcommands,
-    add_train_subcommands, add_serve_commands,
+    add_train_subcommands, add_serve_commands, add_eval_commands,
 ]
 
 
