@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import threading
 import time
 from pathlib import Path
@@ -189,3 +190,22 @@ def test_serve_refuses_bad_options_in_one_line(option, capsys):
     assert code != 0
     err = capsys.readouterr().err
     assert "Traceback" not in err and "error:" in err.strip().splitlines()[-1]
+
+
+def test_an_error_mid_stream_arrives_as_an_error_event_and_the_server_goes_on(start_server, monkeypatch):
+    live = start_server()
+    engine = live.service.engine
+
+    def broken_decode() -> None:
+        raise RuntimeError("decoder exploded")
+
+    monkeypatch.setattr(engine, "_decode", broken_decode)  # the prefill's first token streams, then decoding fails
+    body = {"model": "m", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 20, "stream": True}
+    with httpx.Client(timeout=60) as client:
+        lines = [line for line in client.post(live.url + "/v1/chat/completions", json=body).text.splitlines() if line]
+    assert lines[-1] == "data: [DONE]"
+    error = json.loads(lines[-2].removeprefix("data: "))["error"]
+    assert error["type"] == "server_error" and "Traceback" not in error["message"]
+    monkeypatch.undo()
+    assert _client(live).chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=3).choices[0].message.content
