@@ -109,11 +109,19 @@ def test_a_bad_request_fails_alone(model):
         bad.result()
     with pytest.raises(Exception, match="nope.jpg"):
         missing.result()
-    unseedable = engine.submit(Request.ask("Hi", sampling=GREEDY.replace(seed=2 ** 70)))  # fails making its row
+    make_row = engine._new_row
+
+    def fail_for_boom(handle, ids, has_media):
+        if handle.request.text_messages()[-1]["content"] == "boom":
+            raise RuntimeError("cannot make this row")
+        return make_row(handle, ids, has_media)
+
+    engine._new_row = fail_for_boom
+    unmakeable = engine.submit(Request.ask("boom"))  # fails while its row is made
     fine = engine.submit(Request.ask("Hi", sampling=GREEDY.replace(max_new_tokens=3)))
     engine.run_until_idle()
-    with pytest.raises(Exception):
-        unseedable.result()
+    with pytest.raises(RuntimeError, match="cannot make this row"):
+        unmakeable.result()
     assert len(fine.result().tokens) == 3
 
 

@@ -17,11 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from torch.nn import functional as F
+
+
+def _finite(x: Any) -> bool:
+    """A finite real number (NaN, infinities and booleans fail)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass(frozen=True)
@@ -39,11 +45,12 @@ class BlendOptions:
     weight: float | None = None
 
     def __post_init__(self) -> None:
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+        if self.top_k is not None and not (isinstance(self.top_k, numbers.Integral) and not isinstance(self.top_k, bool)
+                                           and self.top_k >= 1):
             raise ValueError(f"cache top_k must be a whole number >= 1, got {self.top_k!r}")
-        if self.temperature is not None and not (math.isfinite(self.temperature) and self.temperature >= 0):
+        if self.temperature is not None and not (_finite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"cache temperature must be a finite number >= 0, got {self.temperature!r}")
-        if self.weight is not None and not 0.0 <= self.weight <= 1.0:  # NaN fails this too
+        if self.weight is not None and not (_finite(self.weight) and 0.0 <= self.weight <= 1.0):
             raise ValueError(f"cache weight must be in [0, 1], got {self.weight!r}")
 
     def resolve(self, defaults: "BlendOptions") -> "BlendOptions":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -79,8 +80,10 @@ class SamplingOptions:
         if self.stop_token_ids is not None:
             object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         _check_sampling(self.max_new_tokens, self.temperature, self.top_k, self.top_p, self.repetition_penalty)
-        if self.min_new_tokens < 0:
-            raise ValueError(f"min_new_tokens={self.min_new_tokens} must be >= 0")
+        if not (_is_int(self.min_new_tokens) and self.min_new_tokens >= 0):
+            raise ValueError(f"min_new_tokens={self.min_new_tokens!r} must be a whole number >= 0")
+        if self.seed is not None and not (_is_int(self.seed) and -2**63 <= self.seed < 2**64):
+            raise ValueError(f"seed={self.seed!r} must be a whole number in [-2**63, 2**64) or None")
 
     def replace(self, **changes: Any) -> "SamplingOptions":
         return dataclasses.replace(self, **changes)
@@ -263,19 +266,28 @@ class RowText:
         return piece
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x: Any) -> bool:
+    """A finite real number (not a bool; NaN and infinities fail)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
                     repetition_penalty: float) -> None:
     # written so that NaN fails every check
-    if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be a whole number >= 1")
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature={temperature} must be a finite number >= 0 (0 is greedy)")
-    if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
-        raise ValueError(f"top_k={top_k} must be a whole number >= 1 or None")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p} must be in (0, 1] or None")
-    if not (math.isfinite(repetition_penalty) and repetition_penalty > 0):
-        raise ValueError(f"repetition_penalty={repetition_penalty} must be a finite number > 0 (1 disables it)")
+    if not (_is_int(max_new_tokens) and max_new_tokens >= 1):
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a whole number >= 1")
+    if not (_is_real(temperature) and temperature >= 0):
+        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 is greedy)")
+    if top_k is not None and not (_is_int(top_k) and top_k >= 1):
+        raise ValueError(f"top_k={top_k!r} must be a whole number >= 1 or None")
+    if top_p is not None and not (_is_real(top_p) and 0 < top_p <= 1):
+        raise ValueError(f"top_p={top_p!r} must be in (0, 1] or None")
+    if not (_is_real(repetition_penalty) and repetition_penalty > 0):
+        raise ValueError(f"repetition_penalty={repetition_penalty!r} must be a finite number > 0 (1 disables it)")
 
 
 GREEDY = SamplingOptions(temperature=0.0, top_p=None)

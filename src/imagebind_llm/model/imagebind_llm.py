@@ -21,7 +21,8 @@ from imagebind_llm.llm.templates import alpaca_prompt
 from imagebind_llm.model.bind import BindNetwork
 from imagebind_llm.model.config import AdapterConfig
 from imagebind_llm.model.injection import injection_terms
-from imagebind_llm.model.media import MediaInputs, as_row, canonical_modality, group_rows, modality, weighted_sum
+from imagebind_llm.model.media import (MediaInputs, as_row, canonical_modality, group_rows, modality, per_prompt,
+                                      weighted_sum)
 from imagebind_llm.model.peft import add_finetune_modules, finetune_params, set_trainable
 
 # mixed features [B, D] -> blended features [B, D]; e.g. functools.partial(cache.blend, options=BlendOptions())
@@ -203,13 +204,16 @@ class ImageBindLLM(nn.Module):
 
         Args:
             prompts: formatted prompt strings (BOS added as the tokenizer wants) or token-id lists.
-            media: ``{modality: (tensor, weight)}`` for a single prompt, or one such dict (or None) per
-                prompt; rows may use different modalities. None: plain LLM.
+            media: ``{modality: (tensor, weight)}`` with one item per tensor (shared by every prompt) or
+                ``len(prompts)`` (one per prompt), or one such dict (or None) per prompt; rows may use
+                different modalities. None: plain LLM.
             sampling: `SamplingOptions` (default: the official ones); ``changes`` override its fields.
             retrieve: the cache blend (mixed features -> blended features), or None.
         """
         ids = self.prompt_ids(prompts)
-        if media is not None and not isinstance(media, Mapping) and len(media) != len(ids):
+        if isinstance(media, Mapping):
+            media = per_prompt(media, len(ids))
+        elif media is not None and len(media) != len(ids):
             raise ValueError(f"{len(ids)} prompts but {len(media)} media entries; give one (or None) per prompt")
         args = self._generation_args(ids, media, retrieve, (sampling or SamplingOptions()).replace(**changes))
         return generate(self.llm, ids, tokenizer=self.tokenizer, **args)

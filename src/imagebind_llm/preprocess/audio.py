@@ -25,7 +25,7 @@ import soundfile as sf
 import torch
 
 from .errors import MediaError, as_list, open_source, source_name, source_suffix
-from .fbank import kaldi_fbank
+from .fbank import FRAME_LENGTH_MS, kaldi_fbank
 from .resample import input_window, resample_range, resampled_length
 
 log = logging.getLogger(__name__)
@@ -184,6 +184,9 @@ def _decode_clips(source: Any, index: int, config: AudioConfig) -> torch.Tensor:
         if reader.num_samples == 0 or reader.sample_rate <= 0:
             raise MediaError(name, "audio has no samples (zero length)")
         n = resampled_length(reader.num_samples, reader.sample_rate, config.sample_rate)
+        if n < int(config.sample_rate * FRAME_LENGTH_MS / 1000):  # no fbank frame: upstream fails too
+            raise MediaError(name, f"audio is too short ({n / config.sample_rate * 1000:.1f} ms); the minimum is "
+                                   f"{FRAME_LENGTH_MS:g} ms (one filterbank frame)")
         times = clip_times(n / config.sample_rate, config.clip_duration, config.clips_per_video)
         clips = [(int(s * config.sample_rate), min(int(e * config.sample_rate), n)) for s, e in times]
         segments = _merge_ranges(clips)

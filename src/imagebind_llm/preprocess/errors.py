@@ -14,7 +14,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Union
 
+import numpy as np
+
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
+NPY_MAGIC = b"\x93NUMPY"
+# (offset, magic, kind): a file with ``magic`` at ``offset`` is ``kind``; to name a file given to the wrong loader.
+_MAGIC: list[tuple[int, bytes, str]] = [
+    (0, b"\xff\xd8\xff", "a JPEG image"), (0, b"\x89PNG\r\n\x1a\n", "a PNG image"), (0, b"GIF8", "a GIF image"),
+    (8, b"WEBP", "a WebP image"), (0, b"BM", "a BMP image"), (0, b"II*\x00", "a TIFF image"),
+    (0, b"MM\x00*", "a TIFF image"), (8, b"WAVE", "a WAV audio file"), (0, b"fLaC", "a FLAC audio file"),
+    (0, b"OggS", "an Ogg audio file"), (0, b"ID3", "an MP3 audio file"), (4, b"ftyp", "an MP4/MOV video"),
+    (0, b"\x1aE\xdf\xa3", "a Matroska/WebM video"), (8, b"AVI ", "an AVI video"), (0, NPY_MAGIC, "a numpy .npy array"),
+    (0, b"PK\x03\x04", "a zip archive (or a PyTorch .pt file)"), (0, b"%PDF", "a PDF document"),
+]
 
 
 class MediaError(ValueError):
@@ -24,6 +36,44 @@ class MediaError(ValueError):
         self.source_name = source_name
         self.problem = problem
         super().__init__(f"{source_name}: {problem}")
+
+
+def sniff_kind(data: bytes) -> str | None:
+    """What the first bytes say a file is (``"a JPEG image"``), or None when they match no known format."""
+    for offset, magic, kind in _MAGIC:
+        if data[offset : offset + len(magic)] == magic:
+            return kind
+    return None
+
+
+def decode_text(data: bytes, name: str, expected: str) -> str:
+    """``data`` as UTF-8 text; binary data (a NUL byte or invalid UTF-8) raise naming what it looks like.
+
+    Args:
+        expected: what the file should have been, for the message (``"a CSV/NPY file"``).
+    """
+    try:
+        if b"\x00" in data[:65536]:
+            raise UnicodeError
+        return data.decode("utf-8")
+    except UnicodeError:
+        kind = sniff_kind(data)
+        raise MediaError(name, f"not {expected} (binary data{f', this looks like {kind}' if kind else ''})") from None
+
+
+def load_npy(data: bytes, name: str) -> np.ndarray:
+    """An ``.npy`` file's array, never unpickling: anything else raises saying what the file is."""
+    if not data.startswith(NPY_MAGIC):
+        kind = sniff_kind(data)
+        raise MediaError(name, f"not an .npy array file{f' (this looks like {kind})' if kind else ''}; "
+                               "save arrays with numpy.save")
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as e:  # a corrupt header or body raises ValueError, SyntaxError, EOFError, ...
+        if "Object arrays" in str(e):
+            raise MediaError(name, "holds an object array (pickled Python objects, never loaded); save numbers "
+                                   "with numpy.save") from None
+        raise MediaError(name, f"the .npy file is corrupt or truncated ({type(e).__name__}: {e})") from None
 
 
 def source_name(source: Any, index: int) -> str:

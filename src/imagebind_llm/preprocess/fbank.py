@@ -15,6 +15,7 @@ import math
 import torch
 
 _LOG_FLOOR = torch.finfo(torch.float32).eps
+FRAME_LENGTH_MS = 25.0  # the analysis window: shorter signals have no frame
 
 
 def mel_scale(freq: torch.Tensor | float) -> torch.Tensor | float:
@@ -55,7 +56,7 @@ def kaldi_fbank(
     signal: torch.Tensor,
     sample_rate: int = 16000,
     num_mel_bins: int = 128,
-    frame_length_ms: float = 25.0,
+    frame_length_ms: float = FRAME_LENGTH_MS,
     frame_shift_ms: float = 10.0,
     preemphasis: float = 0.97,
     low_freq: float = 20.0,

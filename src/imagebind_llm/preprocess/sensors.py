@@ -31,8 +31,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import MediaError, as_list, is_source, read_source, source_name, source_suffix, unsupported_type
-from .image import center_crop, open_image, resize_short_side
+from .errors import (NPY_MAGIC, MediaError, as_list, decode_text, is_source, load_npy, read_source, source_name,
+                     source_suffix, unsupported_type)
+from .image import HIGH_DEPTH_MODES, center_crop, decode_image, open_image, resize_short_side, stretch_to_l8, to_l8
 
 
 @dataclass
@@ -85,16 +86,15 @@ def _read_array(source: Any, index: int, image_ok: bool) -> tuple[str, np.ndarra
         raise unsupported_type(source, index, "a path, bytes, a binary file object, an array or a tensor")
     data = read_source(source, index)
     suffix = source_suffix(source)
-    try:
-        if suffix == ".npy" or (not suffix and data.startswith(b"\x93NUMPY")):
-            return name, np.load(io.BytesIO(data), allow_pickle=False)
-        if suffix in (".csv", ".txt") or not image_ok:
-            return name, _parse_csv(data)
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return name, np.asarray(image)
-    except Exception as e:  # numpy/PIL raise many kinds for corrupt input
-        raise MediaError(name, f"cannot read data ({type(e).__name__}: {e})") from None
+    if suffix == ".npy" or (not suffix and data.startswith(NPY_MAGIC)):
+        return name, load_npy(data, name)
+    if suffix in (".csv", ".txt") or not image_ok:
+        text = decode_text(data, name, "a CSV/NPY file")
+        try:
+            return name, _parse_csv(text)
+        except ValueError as e:
+            raise MediaError(name, f"cannot read the table ({e}); expected rows of numbers, comma separated") from None
+    return name, np.asarray(decode_image(io.BytesIO(data), name))
 
 
 def _is_number(text: str) -> bool:
@@ -105,9 +105,9 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _parse_csv(data: bytes) -> np.ndarray:
+def _parse_csv(text: str) -> np.ndarray:
     """Numeric rows of a comma/semicolon/whitespace separated table; a non-numeric first line is a header."""
-    lines = [ln for ln in data.decode("utf-8").splitlines() if ln.strip()]
+    lines = [ln for ln in text.splitlines() if ln.strip()]
     rows = [ln.replace(";", ",").replace(",", " ").split() for ln in lines]
     if rows and not all(_is_number(v) for v in rows[0]):
         rows = rows[1:]
@@ -166,20 +166,11 @@ def _thermal_image(source: Any, index: int) -> Image.Image:
     if isinstance(source, torch.Tensor):
         source = source.detach().cpu().numpy()
     if isinstance(source, np.ndarray) and source.dtype != np.uint8:
-        return _scale_to_l(np.squeeze(source).astype(np.float64), f"<array #{index}>")
+        return stretch_to_l8(np.squeeze(source).astype(np.float64), f"<array #{index}>")
     image = open_image(source, index, mode=None)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        return _scale_to_l(np.asarray(image).astype(np.float64), source_name(source, index))
+    if image.mode in HIGH_DEPTH_MODES:
+        return to_l8(image, source_name(source, index), stretch=True)
     return image.convert("L")
-
-
-def _scale_to_l(array: np.ndarray, name: str) -> Image.Image:
-    """Min-max scale a 2-D array to an 8-bit grayscale image."""
-    if array.ndim != 2 or not np.isfinite(array).all():
-        raise MediaError(name, f"expected a finite single-channel thermal image [H, W], got shape {list(array.shape)}")
-    low, high = array.min(), array.max()
-    scaled = (array - low) / (high - low) if high > low else np.zeros_like(array)
-    return Image.fromarray(np.round(scaled * 255.0).astype(np.uint8), mode="L")
 
 
 def load_thermal(sources: Any, config: ThermalConfig = ThermalConfig()) -> torch.Tensor:

@@ -12,7 +12,8 @@ Only the frames that are kept get converted to RGB. Short videos are decoded seq
 last needed frame; long ones (more than ``seek_min_frames`` frames) seek to the key frame before each
 needed frame and map presentation timestamps to frame ordinals with the average frame rate (exact for
 constant frame rate; approximate for variable frame rate). Rotation metadata is not applied (as
-upstream).
+upstream). A still image (one frame of JPEG, PNG, ...; FFmpeg would read it as a video) is refused;
+animated GIF / APNG are videos.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from .audio import clip_times
-from .errors import MediaError, as_list, open_source, source_name
+from .errors import MediaError, as_list, open_source, sniff_kind, source_name
 from .image import CLIP_MEAN, CLIP_STD
 
 
@@ -110,9 +111,14 @@ def decode_frames(source: Any, index: int, config: VideoConfig) -> list[np.ndarr
     """Decode the kept frames of one video: ``clips * frames_per_clip`` RGB uint8 arrays ``[H, W, 3]``."""
     name = source_name(source, index)
     with open_source(source, index) as f:
+        start = f.tell()
+        kind = sniff_kind(f.read(16))
+        f.seek(start)
         try:
             with av.open(f, mode="r") as container:
                 stream, num_frames, fps = _stream_info(container, name)
+                if num_frames == 1 and kind and kind.endswith(" image"):  # FFmpeg reads images as 1-frame videos
+                    raise MediaError(name, f"this looks like {kind}, not a video; load it as an image (--image)")
                 per_clip = frame_indices(num_frames, fps, config)
                 wanted = sorted({i for clip in per_clip for i in clip})
                 if num_frames > config.seek_min_frames:
