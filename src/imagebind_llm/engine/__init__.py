@@ -7,7 +7,7 @@ bounded queue, and log-likelihood scoring. The server, the evaluation and the ap
 """
 
 from imagebind_llm.cache.blend import BlendOptions
-from imagebind_llm.model.media import MODALITIES, UnknownModalityError, modality
+from imagebind_llm.model.media import MIX_EPS, MODALITIES, UnknownModalityError, modality
 
 from .chat import ChatSession
 from .engine import Engine, EngineStopped, Handle, QueueFullError
@@ -15,5 +15,5 @@ from .request import Request
 from .scoring import Score, loglikelihood, text_pairs
 
 # BlendOptions and the modality table are re-exported for the packages above the engine (serve, eval, apps).
-__all__ = ["MODALITIES", "BlendOptions", "ChatSession", "Engine", "EngineStopped", "Handle", "QueueFullError", "Request",
+__all__ = ["MIX_EPS", "MODALITIES", "BlendOptions", "ChatSession", "Engine", "EngineStopped", "Handle", "QueueFullError", "Request",
            "Score", "UnknownModalityError", "loglikelihood", "modality", "text_pairs"]

@@ -36,6 +36,10 @@ def add_serve_commands(subparsers: argparse._SubParsersAction) -> None:
         g.add_argument("--max-context", type=int, help="tokens per request, prompt + answer (default: the model's, "
                                                        "at most 2048)")
         g.add_argument("--no-ui", action="store_true", help="serve the API only")
+        g.add_argument("--unclip", metavar="DIR_OR_REPO", help="also make images at /v1/images/generations with this "
+                                                               "Stable unCLIP pipeline (a folder, or "
+                                                               "stabilityai/stable-diffusion-2-1-unclip: downloaded "
+                                                               "into the weights cache); needs the images extra")
         limits = p.add_argument_group("limits")
         limits.add_argument("--max-body-mb", type=float, default=32.0, help="request body size")
         limits.add_argument("--max-media-mb", type=float, default=20.0, help="size of one media item")
@@ -82,6 +86,12 @@ def run_serve(args: argparse.Namespace) -> int:
     options: dict[str, Any] = dict(max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
                                    template=template)
     service = Service(config, load=lambda: build_engine(args, **options))
+    if args.unclip:
+        from imagebind_llm.apps.unclip import UnCLIP
+        from imagebind_llm.engine.cli import DTYPES
+
+        service.unclip = UnCLIP(args.unclip, dtype=DTYPES[args.dtype], device=args.device)
+        service.unclip.pipeline  # load (or download) now, not on the first request
     app = create_app(service)
     service.start()
     where = f"http://{args.host}:{args.port}"

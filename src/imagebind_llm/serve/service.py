@@ -31,6 +31,7 @@ class Service:
         self.config, self.metrics = config, Metrics()
         self._engine, self._load = engine, load
         self.load_error: BaseException | None = None
+        self.unclip = None  # an `imagebind_llm.apps.UnCLIP` when the server also makes images (`serve --unclip`)
         self._pool = concurrent.futures.ThreadPoolExecutor(config.media_workers, thread_name_prefix="media")
         if engine is not None:
             self._watch(engine)
