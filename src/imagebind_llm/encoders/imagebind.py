@@ -352,8 +352,10 @@ def load_official(source: str | Path | Mapping[str, torch.Tensor],
             to whether the checkpoint has a point branch; None: ``ImageBindConfig.huge()``, likewise.
     """
     state = read_state_dict(source, what="ImageBind checkpoint") if isinstance(source, (str, Path)) else source
-    if not isinstance(config, ImageBindConfig):
-        fields = json.loads(Path(config).read_text()) if isinstance(config, (str, Path)) else dict(config or {})
+    if isinstance(config, (str, Path)):
+        config = _read_config(Path(config), has_point_branch(state))
+    elif not isinstance(config, ImageBindConfig):
+        fields = dict(config or {})
         fields = {"with_point": has_point_branch(state), **fields.get("ImageBindModel_kwargs", fields)}
         config = ImageBindConfig.from_dict(fields) if config is not None else ImageBindConfig.huge(**fields)
     with torch.device("meta"):
@@ -362,3 +364,24 @@ def load_official(source: str | Path | Mapping[str, torch.Tensor],
     log.info("loaded ImageBind (%s) in %s on %s", "with point branch" if config.with_point else "no point branch",
              dtype, device)
     return model.eval()
+
+
+def _read_config(path: Path, with_point: bool) -> ImageBindConfig:
+    """The config of a JSON file of ``ImageBindModel`` arguments (optionally under ``"ImageBindModel_kwargs"``);
+    ``with_point`` unless the file says.
+
+    Raises:
+        ValueError: naming the file: not UTF-8 JSON, not an object, or unknown fields.
+    """
+    try:
+        fields = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"ImageBind config {path} is not valid JSON ({e})") from None
+    if isinstance(fields, dict):
+        fields = fields.get("ImageBindModel_kwargs", fields)
+    if not isinstance(fields, dict):
+        raise ValueError(f"ImageBind config {path} must hold a JSON object of ImageBindModel arguments")
+    try:
+        return ImageBindConfig.from_dict({"with_point": with_point, **fields})
+    except ValueError as e:
+        raise ValueError(f"ImageBind config {path}: {e}") from None

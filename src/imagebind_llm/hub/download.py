@@ -16,6 +16,7 @@ import hashlib
 import http.client
 import logging
 import os
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 
 CACHE_ENV = "IMAGEBIND_LLM_CACHE"
 CHUNK = 1 << 20
+DEFAULT_TIMEOUT = 20.0  # seconds per connection and per read
+DEFAULT_RETRIES = 2
 
 
 class DownloadError(RuntimeError):
@@ -46,26 +49,33 @@ def _is_url(s: str) -> bool:
 
 
 def fetch(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *, sha256: str | None = None,
-          expected_size: int | None = None, progress: bool = True, retries: int = 3, timeout: float = 60.0) -> Path:
+          expected_size: int | None = None, progress: bool = True, retries: int = DEFAULT_RETRIES,
+          timeout: float = DEFAULT_TIMEOUT) -> Path:
     """Return a local path for a local file, registry name or URL, downloading into the cache if needed.
 
     Args:
         source: an existing local path, a registry name (see ``list_weights()``) or an http(s) URL.
         cache_dir: download folder (default ``$IMAGEBIND_LLM_CACHE`` or ``~/.cache/imagebind_llm``).
-        sha256: expected hex digest (overrides the registry's).
-        expected_size: expected size in bytes (overrides the registry's).
+        sha256: expected hex digest (overrides the registry's); checked for local files too.
+        expected_size: expected size in bytes (overrides the registry's); checked for local files too.
         progress: show a progress bar on stderr.
-        retries: how many times an interrupted transfer is resumed before giving up.
-        timeout: socket timeout in seconds.
+        retries: how many times a failed or interrupted transfer is retried (resuming) before giving up.
+        timeout: seconds to wait for the connection and for each read: a server that stops answering
+            fails the attempt after this long.
 
     Raises:
+        ValueError: ``sha256`` is not 64 hexadecimal digits.
         FileNotFoundError: ``source`` is neither an existing file, a registry name nor a URL.
         ChecksumError: the file's SHA-256 or size differs (names the file and both values).
         DownloadError: the server failed or the transfer kept breaking.
     """
+    if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
+        raise ValueError(f"sha256 {sha256!r} is not a SHA-256 digest (64 hexadecimal digits)")
     text = os.fspath(source)
     local = Path(text).expanduser()
     if local.exists():
+        if sha256 is not None or expected_size is not None:
+            _verify(local, sha256_file(local) if sha256 else None, sha256, expected_size, cached=False)
         return local
     if text in REGISTRY:
         entry = REGISTRY[text]
@@ -93,14 +103,18 @@ def fetch(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
     return dest
 
 
-def _verify(path: Path, digest: str | None, sha256: str | None, size: int | None, source_url: str = "") -> None:
+def _verify(path: Path, digest: str | None, sha256: str | None, size: int | None, source_url: str = "",
+            cached: bool = True) -> None:
+    """Raise `ChecksumError` unless ``path`` has ``size`` bytes and SHA-256 ``digest == sha256`` (when given);
+    ``cached``: the file is ours to delete and download again (else the user's own file)."""
     where = f" (from {source_url})" if source_url else ""
+    fix = f"delete {path} to download it again" if cached else "pass the intended file or its checksum"
     actual_size = path.stat().st_size
     if size is not None and actual_size != size:
-        raise ChecksumError(f"{path.name}{where}: expected {size} bytes, got {actual_size}; delete {path} and retry")
+        raise ChecksumError(f"{path.name}{where}: expected {size} bytes, got {actual_size}; {fix}")
     if sha256 is not None and digest != sha256.lower():
         raise ChecksumError(f"{path.name}{where}: SHA-256 mismatch, expected {sha256.lower()}, got {digest}; "
-                            f"the file is corrupt or not the expected one (delete {path} to download it again)")
+                            f"the file is corrupt or not the expected one ({fix})")
 
 
 def sha256_file(path: str | os.PathLike, h: "hashlib._Hash | None" = None) -> str:
@@ -119,12 +133,23 @@ def _download(url: str, part: Path, *, progress: bool, retries: int, timeout: fl
             return _download_once(url, part, progress=progress, timeout=timeout)
         except (OSError, http.client.HTTPException, DownloadError) as e:
             if isinstance(e, urllib.error.HTTPError) and e.code < 500 and e.code != 416:
-                raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from e
+                raise DownloadError(f"download of {url} failed: HTTP {e.code} {e.reason}") from e
             if attempt == retries:
-                raise DownloadError(f"{url}: download failed after {retries + 1} attempts ({e}); "
-                                    f"run again to resume from {part}") from e
-            log.warning("download of %s interrupted (%s); resuming", url, e)
+                again = f"run again to resume from {part}" if part.exists() else "check the network and run again"
+                raise DownloadError(f"download of {url} failed after {retries + 1} attempt(s) "
+                                    f"({_why(e, timeout)}); {again}, or download the file yourself and pass "
+                                    "its local path") from e
+            log.warning("download of %s interrupted (%s); retrying", url, _why(e, timeout))
     raise AssertionError("unreachable")
+
+
+def _why(error: Exception, timeout: float) -> str:
+    """One line on why an attempt failed (a timeout says how long it waited)."""
+    reason = error.reason if isinstance(error, urllib.error.URLError) and not isinstance(
+        error, urllib.error.HTTPError) else error
+    if isinstance(reason, TimeoutError):
+        return f"no answer within {timeout:g} s"
+    return " ".join(str(reason).split()) or type(reason).__name__
 
 
 def _download_once(url: str, part: Path, *, progress: bool, timeout: float) -> str:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,6 +23,22 @@ class WeightsFormatError(ValueError):
 
 class CheckpointMismatchError(ValueError):
     """Tensors that do not match the model configuration (missing, unexpected or wrongly shaped)."""
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """The JSON object of a config file (``config.json``, ``params.json``, an index).
+
+    Raises:
+        WeightsFormatError: naming the file, when it is not UTF-8, not JSON, or not a JSON object.
+    """
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsFormatError(f"{path} is not valid JSON ({e}); restore the file shipped with the weights") from None
+    if not isinstance(value, dict):
+        raise WeightsFormatError(f"{path} holds a JSON {type(value).__name__}, not an object; restore the file "
+                                 "shipped with the weights")
+    return value
 
 
 def map_key(name: str, table: Mapping[str, str]) -> str | None:

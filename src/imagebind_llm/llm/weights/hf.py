@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..config import LLMConfig, RopeScaling
@@ -31,6 +31,7 @@ from .common import (
     expected_shapes,
     invert,
     map_key,
+    read_json,
 )
 
 logger = logging.getLogger(__name__)
@@ -105,11 +106,14 @@ def _rope_scaling(cfg: Mapping[str, Any], path: Path) -> tuple[float, RopeScalin
     )
 
 
+_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
 def config_from_hf(cfg: Mapping[str, Any], path: str | Path = "config.json") -> LLMConfig:
     """Our `LLMConfig` from the dictionary of a Hugging Face ``config.json``.
 
     Raises:
-        WeightsFormatError: a model type or option our decoder does not implement.
+        WeightsFormatError: a model type or option our decoder does not implement, or a missing field.
     """
     path = Path(path)
     model_type = cfg.get("model_type")
@@ -126,6 +130,9 @@ def config_from_hf(cfg: Mapping[str, Any], path: str | Path = "config.json") -> 
     bad = [f"{k}={cfg.get(k)!r}" for k, v in unsupported.items() if v]
     if bad:
         raise WeightsFormatError(f"{path}: options not supported by our decoder: {', '.join(bad)}")
+    missing = [k for k in _REQUIRED if k not in cfg]
+    if missing:
+        raise WeightsFormatError(f"{path}: missing required fields {missing}")
     theta, scaling = _rope_scaling(cfg, path)
     n_heads = int(cfg["num_attention_heads"])
     return LLMConfig(
@@ -182,11 +189,15 @@ def safetensors_files(path: str | Path) -> list[Path]:
 
     Raises:
         FileNotFoundError: no safetensors file, or a shard listed in the index is missing.
+        WeightsFormatError: an unreadable index.
     """
     path = Path(path)
     index = path / INDEX_FILE
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise WeightsFormatError(f"{index} has no \"weight_map\" object; restore the file shipped with the weights")
+        names = sorted(set(map(str, weight_map.values())))
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
             raise FileNotFoundError(f"{index} lists shards that are missing: {missing}")
@@ -199,7 +210,11 @@ def safetensors_files(path: str | Path) -> list[Path]:
 
 def _iter_hf_tensors(files: list[Path]) -> Iterator[tuple[str, Any, Path]]:
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        try:
+            f = safe_open(str(file), framework="pt", device="cpu")
+        except SafetensorError as e:
+            raise WeightsFormatError(f"{file} is not a readable safetensors file ({e})") from e
+        with f:
             for name in f.keys():
                 yield name, f, file
 
@@ -221,13 +236,13 @@ def load_hf_state_dict(path: str | Path, *, dtype: torch.dtype = torch.float32,
 
     Raises:
         FileNotFoundError: missing ``config.json`` or weights.
-        WeightsFormatError: an unsupported architecture or option.
+        WeightsFormatError: an unreadable file, an unsupported architecture or option.
         CheckpointMismatchError: a tensor that is unknown, missing or shaped unlike the config.
     """
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json")
-    config = config_from_hf(json.loads((path / "config.json").read_text()), path / "config.json")
+    config = config_from_hf(read_json(path / "config.json"), path / "config.json")
     expected = expected_shapes(config)
     state: dict[str, torch.Tensor] = {}
     for name, f, file in _iter_hf_tensors(safetensors_files(path)):

@@ -22,7 +22,9 @@ import torch
 from imagebind_llm.hub import StateDictError, read_state_dict
 
 from ..config import LLMConfig
-from .common import CheckpointMismatchError, WeightsFormatError, check_complete, check_shape, expected_shapes
+from .common import (
+    CheckpointMismatchError, WeightsFormatError, check_complete, check_shape, expected_shapes, read_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -143,10 +145,7 @@ def load_meta_state_dict(path: str | Path, *, dtype: torch.dtype = torch.float32
     params_file = path / "params.json"
     if not params_file.is_file():
         raise FileNotFoundError(f"{path} has no params.json")
-    try:
-        params = json.loads(params_file.read_text())
-    except json.JSONDecodeError as e:
-        raise WeightsFormatError(f"{params_file} is not valid JSON: {e}") from e
+    params = read_json(params_file)
     files = meta_shards(path)
     shards = [_load_shard(f) for f in files]
     if "tok_embeddings.weight" not in shards[0]:
