@@ -1,9 +1,9 @@
 """The ``imagebind-llm`` command line: a dispatcher only.
 
 Each package adds its own subcommands (``engine.cli``: ask, chat; ``model.cli``: merge-delta; ``hub.cli``:
-weights; ``cache.cli``; ``train.cli``; ``serve.cli``: serve, web; ``eval.cli``: eval). Each is one ``add_*``
-function in `SUBCOMMANDS`: it adds its parser and sets ``func`` (parsed arguments -> exit code). Errors a user can fix (missing files, unknown formats,
-mismatched weights, invalid options, a ``--device`` this machine lacks, failed downloads) are printed as one line
+weights; ``cache.cli``; ``train.cli``; ``serve.cli``: serve, web; ``eval.cli``: eval; ``apps.cli``: imagine).
+Each is one ``add_*`` function in `SUBCOMMANDS`: it adds its parser and sets ``func`` (parsed arguments -> exit
+code). Errors a user can fix (missing files, unknown formats, mismatched weights, invalid options, a ``--device`` this machine lacks, failed downloads) are printed as one line
 on stderr with exit code 1; ``--debug`` shows the traceback instead. Any other exception is a bug: its traceback is
 printed with a request to report it (exit code 70). A reader that closes the pipe (``... | head -1``) ends the
 command quietly (exit code 141, as for a tool killed by SIGPIPE).
@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from imagebind_llm import __version__
+from imagebind_llm.apps.cli import add_imagine_command
 from imagebind_llm.cache.cli import add_cache_subcommands
 from imagebind_llm.engine.cli import add_ask_command, add_chat_command
 from imagebind_llm.eval.cli import add_eval_commands
@@ -42,7 +43,7 @@ USER_ERRORS = (OSError, ValueError, DownloadError)
 # One entry per subcommand (or group of subcommands).
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], object]] = [
     add_chat_command, add_ask_command, add_merge_delta_command, add_weights_command, add_cache_subcommands,
-    add_train_subcommands, add_serve_commands, add_eval_commands,
+    add_train_subcommands, add_serve_commands, add_eval_commands, add_imagine_command,
 ]
 
 
