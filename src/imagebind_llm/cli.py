@@ -3,10 +3,10 @@
 Each package adds its own subcommands (``engine.cli``: ask, chat; ``model.cli``: merge-delta; ``hub.cli``:
 weights; ``cache.cli``; ``train.cli``; ``serve.cli``: serve, web; ``eval.cli``: eval; ``apps.cli``: imagine).
 Each is one ``add_*`` function in `SUBCOMMANDS`: it adds its parser and sets ``func`` (parsed arguments -> exit
-code). Errors a user can fix (missing files, unknown formats, mismatched weights, invalid options, a ``--device`` this machine lacks, failed downloads) are printed as one line
-on stderr with exit code 1; ``--debug`` shows the traceback instead. Any other exception is a bug: its traceback is
-printed with a request to report it (exit code 70). A reader that closes the pipe (``... | head -1``) ends the
-command quietly (exit code 141, as for a tool killed by SIGPIPE).
+code). Errors a user can fix (missing files, unknown formats, mismatched weights, invalid options, a ``--device``
+this machine lacks, failed downloads) are printed as one line on stderr with exit code 1; ``--debug`` shows the
+traceback instead. Any other exception is a bug: its traceback is printed with a request to report it (exit code
+70). A reader that closes the pipe (``... | head -1``) ends the command quietly (exit code 141, as SIGPIPE would).
 """
 
 from __future__ import annotations
