@@ -19,15 +19,18 @@ import numpy as np
 from imagebind_llm.cache import index as index_lib
 from imagebind_llm.cache.blend import BlendOptions
 from imagebind_llm.cache.feature_cache import (
+    META_FILE,
     VECTORS_FILE,
     CacheError,
     FeatureCache,
     check_unit_norm,
     new_meta,
     resolve_keep_vectors,
+    staged_files,
     write_npy,
 )
 from imagebind_llm.cache.shards import EncodeFn, FeatureStore, dist_rank, extract_features, wait_for_shards
+from imagebind_llm.hub.files import refuse_overwrite
 
 log = logging.getLogger(__name__)
 
@@ -63,21 +66,20 @@ def build_from_shards(
     if sources is not None and len(sources) != n:
         raise ValueError(f"{len(sources)} source names for {n} feature rows")
     for p, a in zip(shards, arrays):
-        check_unit_norm(a[:4096], f"features in {p}")
+        check_unit_norm(a, f"features in {p}")
     factory = factory or index_lib.choose_factory(n, dim, storage=storage, memory_budget=memory_budget)
     t0 = time.perf_counter()
     index = index_lib.build_index(dim, factory, lambda: index_lib.row_chunks(arrays), n)
     log.info("built %s over %d vectors in %.1f s", factory, n, time.perf_counter() - t0)
     keep = resolve_keep_vectors(keep_vectors, factory)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    vectors = None
-    if keep:
-        write_npy(out / VECTORS_FILE, arrays, keep)
-        vectors = np.load(out / VECTORS_FILE, mmap_mode="r")
     meta = new_meta(index, factory, encoder, nprobe=nprobe, vectors_dtype=keep, defaults=defaults,
                     extra={"shards": [Path(p).name for p in shards]})
-    FeatureCache(index, meta, vectors=vectors, sources=sources, use_gpu=False).save(out)
+    with staged_files(Path(out), vectors=bool(keep), sources=sources is not None) as files:
+        vectors = None
+        if keep:  # streamed straight to its temporary file, then memory-mapped: never all in RAM
+            write_npy(files[VECTORS_FILE], arrays, keep)
+            vectors = np.load(files[VECTORS_FILE], mmap_mode="r")
+        FeatureCache(index, meta, vectors=vectors, sources=sources, use_gpu=False).write_files(files)
     return FeatureCache.load(out)
 
 
@@ -105,16 +107,20 @@ def build_from_images(
     dtype: str = "float32",
     wait_timeout: float = 24 * 3600,
     progress: bool = True,
+    skip_bad: bool = False,
+    overwrite: bool = False,
     **index_options,
 ) -> FeatureCache | None:
     """Encode images into shards (resumable; this process's share under torchrun), then build.
 
     Rank 0 waits for the other ranks' shards and builds the index; other ranks return None.
-    ``index_options`` go to `build_from_shards` (factory, storage, memory_budget, nprobe, ...).
+    ``skip_bad`` and ``overwrite`` go to `extract_features`; ``index_options`` to `build_from_shards`
+    (factory, storage, memory_budget, nprobe, ...).
     """
     rank, world = dist_rank()
     extract_features(sources, out, encode_images, encoder=encoder, shard_size=shard_size, batch_size=batch_size,
-                     dtype=dtype, rank=rank, world_size=world, progress=progress)
+                     dtype=dtype, rank=rank, world_size=world, progress=progress, skip_bad=skip_bad,
+                     overwrite=overwrite)
     if rank != 0:
         return None
     wait_for_shards(out, wait_timeout)
@@ -166,6 +172,7 @@ def build_cache(
     features: Sequence[str | Path] | None = None,
     faiss_index: str | Path | None = None,
     sources: Sequence[str] | None = None,
+    overwrite: bool = False,
     **options,
 ) -> FeatureCache | None:
     """Build a cache folder from exactly one source.
@@ -178,18 +185,24 @@ def build_cache(
         features: ``.npy`` feature shards (see `build_from_shards`).
         faiss_index: an existing inner-product index file, e.g. the official ``knn.index``.
         sources: source names per row (for ``features``/``faiss_index``; images record their paths).
+        overwrite: replace a cache already built in ``out`` (and, from images, re-plan a feature store of
+            other sources, keeping the shards that still match).
         options: index and build options of the chosen builder.
 
     Returns:
         The loaded cache (None on non-zero ranks of a multi-process image build).
+
+    Raises:
+        FileExistsError: ``out`` already holds a cache and ``overwrite`` is False.
     """
     given = [name for name, v in (("images", images), ("features", features), ("faiss_index", faiss_index)) if v]
     if len(given) != 1:
         raise ValueError(f"give exactly one of images, features, faiss_index (got {given or 'none'})")
+    refuse_overwrite(Path(out) / META_FILE, overwrite=overwrite)
     if images:
         if encode_images is None:
             raise ValueError("building from images needs an encode_images callable")
-        return build_from_images(list(images), out, encode_images, encoder=encoder, **options)
+        return build_from_images(list(images), out, encode_images, encoder=encoder, overwrite=overwrite, **options)
     if features:
         return build_from_shards(list(features), out, encoder=encoder, sources=sources, **options)
     return import_faiss_index(faiss_index, out, encoder=encoder, sources=sources, **options)

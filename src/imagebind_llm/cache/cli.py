@@ -88,13 +88,17 @@ def add_shard_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", type=int, default=4096, help="images per feature shard (unit of resumption)")
     p.add_argument("--batch-size", type=int, default=32, help="images per encoder call")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--skip-bad", action="store_true", help="leave out images that cannot be read (they are logged "
+                   "and listed in their shard's .done file) instead of stopping")
+    p.add_argument("--overwrite", action="store_true", help="replace what --out holds: a built cache, or a feature "
+                   "store of other images (finished shards whose images still match are kept)")
 
 
 def run_extract(args: argparse.Namespace) -> int:
     sources = list_images(args.images)
     done = extract_image_features(sources, args.out, imagebind=args.imagebind, config=args.config,
                                   device=args.device, shard_size=args.shard_size, batch_size=args.batch_size,
-                                  progress=not args.no_progress)
+                                  progress=not args.no_progress, skip_bad=args.skip_bad, overwrite=args.overwrite)
     print(json.dumps({"images": len(sources), "shards_encoded": done, "out": args.out}))
     return 0
 
@@ -108,13 +112,13 @@ def run_build(args: argparse.Namespace) -> int:
         cache = build_cache(args.out, encoder=encoder, images=list_images(args.images),
                             encode_images=image_encoder(args.imagebind, args.config, args.device),
                             shard_size=args.shard_size, batch_size=args.batch_size, progress=not args.no_progress,
-                            **options)
+                            skip_bad=args.skip_bad, overwrite=args.overwrite, **options)
     else:
         sources = read_sources(args.sources) if args.sources else None
         if args.faiss_index:
             options = {}  # the index is wrapped as is
         cache = build_cache(args.out, encoder=encoder, features=args.features, faiss_index=args.faiss_index,
-                            sources=sources, **options)
+                            sources=sources, overwrite=args.overwrite, **options)
     if cache is not None:
         print(f"wrote {cache} to {args.out}")
     return 0

@@ -16,12 +16,15 @@ SHA-256) before FAISS reads it, so a truncated or corrupt download is refused wi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
 import logging
 import os
-from collections.abc import Sequence
+import types
+import typing
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,6 +35,7 @@ import torch
 
 from imagebind_llm.cache import index as index_lib
 from imagebind_llm.hub import sha256_file
+from imagebind_llm.hub.files import atomic_files, make_dir
 from imagebind_llm.cache.blend import OFFICIAL_BLEND, BlendOptions, blend_neighbours
 
 log = logging.getLogger(__name__)
@@ -74,19 +78,39 @@ class CacheMeta:
         return {"format": FORMAT, "version": FORMAT_VERSION, **dataclasses.asdict(self)}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any], where: Path) -> "CacheMeta":
-        if d.get("format") != FORMAT or d.get("version") != FORMAT_VERSION:
+    def from_json(cls, d: Any, where: Path) -> "CacheMeta":
+        """The metadata in the parsed ``meta.json`` ``d``; every field's type is checked.
+
+        Raises:
+            CacheError: another format or version, or a missing or malformed field (one line, naming it).
+        """
+        if not isinstance(d, dict) or d.get("format") != FORMAT or d.get("version") != FORMAT_VERSION:
+            d = d if isinstance(d, dict) else {}
             raise CacheError(
                 f"{where} is not a version-{FORMAT_VERSION} {FORMAT} metadata file "
                 f"(format={d.get('format')!r}, version={d.get('version')!r})"
             )
-        fields = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k in fields}
-        d["defaults"] = BlendOptions(**d.get("defaults", {})).resolve(OFFICIAL_BLEND)
+        hints = typing.get_type_hints(cls)
+        d = {k: v for k, v in d.items() if k in hints}
+        bad = [f"{k}={v!r}" for k, v in d.items() if not _is_instance(v, hints[k])]
+        files = d.get("files") if isinstance(d.get("files"), dict) else {}
+        bad += [f"files[{name!r}]={info!r}" for name, info in files.items()
+                if name not in (INDEX_FILE, VECTORS_FILE, SOURCES_FILE) or not isinstance(info, dict)
+                or not _is_instance(info.get("bytes"), int) or not isinstance(info.get("sha256"), str)]
+        if bad:
+            raise CacheError(f"{where}: malformed cache metadata ({'; '.join(bad)[:300]}); rebuild the cache")
         try:
+            d["defaults"] = BlendOptions(**d.get("defaults", {})).resolve(OFFICIAL_BLEND)
             return cls(**d)
-        except TypeError as e:
-            raise CacheError(f"{where}: incomplete cache metadata ({e})") from None
+        except (TypeError, ValueError) as e:
+            raise CacheError(f"{where}: incomplete or malformed cache metadata ({e}); rebuild the cache") from None
+
+
+def _is_instance(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a field's type hint (``int`` excludes ``bool``; ``BlendOptions`` is a mapping)."""
+    kinds = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    kinds = tuple(dict if k is BlendOptions else typing.get_origin(k) or k for k in kinds)
+    return isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
 
 
 class FeatureCache:
@@ -168,7 +192,7 @@ class FeatureCache:
         vectors = np.asarray(vectors)
         if vectors.ndim != 2 or len(vectors) == 0:
             raise ValueError(f"vectors must be a non-empty [n, D] array, got shape {vectors.shape}")
-        check_unit_norm(vectors[: 1 << 16], "vectors")
+        check_unit_norm(vectors, "vectors")
         n, dim = vectors.shape
         factory = factory or index_lib.choose_factory(n, dim, storage=storage, memory_budget=memory_budget)
         index = index_lib.build_index(dim, factory, lambda: index_lib.row_chunks([vectors]), n)
@@ -208,25 +232,27 @@ class FeatureCache:
     # ------------------------------------------------------------------ persistence
 
     def save(self, path: str | Path) -> Path:
-        """Write the cache folder (index, optional vectors and sources, then meta.json last)."""
+        """Write the cache folder: index, optional vectors and sources, and meta.json, renamed into place
+        together with meta.json last (`staged_files`); an interrupted save leaves the previous cache or none."""
         path = Path(path)
         if self.path is not None and path.exists() and os.path.samefile(path, self.path):
             raise ValueError(f"cannot save a cache over the folder it was loaded from ({path}); save elsewhere")
-        path.mkdir(parents=True, exist_ok=True)
-        (path / META_FILE).unlink(missing_ok=True)  # a folder without meta.json is never loadable half-written
-        files = {INDEX_FILE: path / INDEX_FILE}
-        faiss.write_index(self.index, str(files[INDEX_FILE]))
-        if self.vectors is not None:
-            files[VECTORS_FILE] = path / VECTORS_FILE
-            if not _backed_by(self.vectors, files[VECTORS_FILE]):  # builders write it there directly
-                write_npy(files[VECTORS_FILE], [self.vectors], self.vectors.dtype)
-        if self.sources is not None:
-            files[SOURCES_FILE] = path / SOURCES_FILE
-            files[SOURCES_FILE].write_text(json.dumps(self.sources))
-        self.meta.files = {name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for name, p in files.items()}
-        self.meta.nprobe = self.nprobe
-        _atomic_write_text(path / META_FILE, json.dumps(self.meta.to_json(), indent=2))
+        with staged_files(path, vectors=self.vectors is not None, sources=self.sources is not None) as files:
+            self.write_files(files)
         return path
+
+    def write_files(self, files: dict[str, Path]) -> None:
+        """Write the cache's files to the (temporary) paths ``files`` from `staged_files`; a kept vector copy
+        already memory-mapped from its path (builders write it there first) is not copied again."""
+        faiss.write_index(self.index, str(files[INDEX_FILE]))
+        if self.vectors is not None and not _backed_by(self.vectors, files[VECTORS_FILE]):
+            write_npy(files[VECTORS_FILE], [self.vectors], self.vectors.dtype)
+        if self.sources is not None:
+            files[SOURCES_FILE].write_text(json.dumps(self.sources))
+        self.meta.files = {name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                           for name, p in files.items() if name != META_FILE}
+        self.meta.nprobe = self.nprobe
+        files[META_FILE].write_text(json.dumps(self.meta.to_json(), indent=2))
 
     @classmethod
     def load(
@@ -266,7 +292,12 @@ class FeatureCache:
         vectors = None
         if VECTORS_FILE in meta.files:
             vectors = np.load(path / VECTORS_FILE, mmap_mode="r" if mmap else None)
-        sources = json.loads((path / SOURCES_FILE).read_text()) if SOURCES_FILE in meta.files else None
+        sources = None
+        if SOURCES_FILE in meta.files:
+            try:
+                sources = json.loads((path / SOURCES_FILE).read_text())
+            except ValueError as e:
+                raise CacheError(f"{path / SOURCES_FILE} is not valid JSON ({e}); rebuild the cache") from None
         cache = cls(index, meta, vectors=vectors, sources=sources, use_gpu=use_gpu)
         cache.path = path
         return cache
@@ -421,6 +452,16 @@ class FeatureCache:
 # ---------------------------------------------------------------------- helpers
 
 
+@contextlib.contextmanager
+def staged_files(path: Path, *, vectors: bool, sources: bool) -> Iterator[dict[str, Path]]:
+    """Temporary paths of a cache folder's files (``{file name: path}``), renamed into ``path`` together when
+    the block succeeds, ``meta.json`` last (`imagebind_llm.hub.files.atomic_files`)."""
+    names = [INDEX_FILE, *([VECTORS_FILE] if vectors else []), *([SOURCES_FILE] if sources else []), META_FILE]
+    folder = make_dir(path, "cache folder")
+    with atomic_files(*(folder / name for name in names)) as tmps:
+        yield dict(zip(names, tmps))
+
+
 def new_meta(
     index: faiss.Index,
     factory: str,
@@ -457,13 +498,19 @@ def resolve_keep_vectors(keep_vectors: str | None, factory: str) -> str | None:
 
 
 def check_unit_norm(x: np.ndarray, name: str, tol: float = 1e-2) -> None:
-    """Refuse rows that are not unit-norm (cosine-similarity search needs normalised features)."""
-    norms = np.linalg.norm(np.asarray(x, dtype=np.float32), axis=1)
-    bad = np.flatnonzero(np.abs(norms - 1) > tol)
-    if len(bad):
+    """Refuse rows that are not unit-norm, NaN and infinite ones included (cosine-similarity search needs
+    normalised features). ``x`` may be a memmap: it is read in bounded chunks."""
+    first, count = None, 0
+    for start, chunk in enumerate(index_lib.row_chunks([x])):
+        norms = np.linalg.norm(np.asarray(chunk, dtype=np.float32), axis=1)
+        bad = np.flatnonzero(~(np.abs(norms - 1) <= tol))
+        if len(bad) and first is None:
+            first = (start * index_lib.CHUNK_ROWS + int(bad[0]), norms[bad[0]])
+        count += len(bad)
+    if first is not None:
         raise ValueError(
-            f"{name} must be L2-normalised rows; row {bad[0]} has norm {norms[bad[0]]:.4f} "
-            f"({len(bad)} bad rows among the first {len(norms)})"
+            f"{name} must be L2-normalised rows; row {first[0]} has norm {first[1]:.4f} "
+            f"({count} bad rows among {len(x)})"
         )
 
 
@@ -510,9 +557,3 @@ def _backed_by(x: np.ndarray, path: Path) -> bool:
     """Whether ``x`` is a memmap of the file ``path``."""
     filename = getattr(x, "filename", None)
     return filename is not None and path.exists() and os.path.samefile(filename, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

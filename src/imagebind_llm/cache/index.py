@@ -25,6 +25,7 @@ STORAGES: dict[str, tuple[int, str]] = {"flat": (4, "Flat"), "fp16": (2, "SQfp16
 DEFAULT_EXACT_MAX = 100_000
 KMEANS_ITERATIONS = 10  # FAISS defaults to 25; 10 gives the same recall here at 40% of the training time
 TRAIN_POINTS_PER_LIST = 40  # FAISS warns below 39 points per centroid
+CHUNK_ROWS = 65536  # rows per streamed slice (`row_chunks`)
 
 
 def default_nlist(n: int) -> int:
@@ -115,6 +116,9 @@ def build_index(
 
     Returns:
         The filled index (IVF indexes keep a direct map, so `reconstruct` works).
+
+    Raises:
+        ValueError: too few vectors to train ``factory`` (e.g. fewer than its IVF lists).
     """
     index = new_index(dim, factory)
     n_train = train_size(index, n)
@@ -122,7 +126,12 @@ def build_index(
         picked = np.sort(np.random.default_rng(seed).choice(n, size=n_train, replace=False))
         sample = _take_rows(chunks(), picked, dim)
         log.info("training %s on %d of %d vectors", factory, n_train, n)
-        index.train(sample)
+        try:
+            index.train(sample)
+        except RuntimeError as e:  # FAISS: too few training points for the lists or codebooks asked for
+            reason = str(e).strip().splitlines()[-1].split(" failed: ")[-1]
+            raise ValueError(f"cannot train a {factory} index on {n} vectors ({reason}); use fewer IVF lists "
+                             "or codebook bits, or an exact index (--index Flat)") from None
         del sample
     added = 0
     for chunk in chunks():
@@ -141,7 +150,7 @@ def ensure_direct_map(index: faiss.Index) -> faiss.Index:
     return index
 
 
-def row_chunks(arrays: Iterable[np.ndarray], rows: int = 65536) -> Iterator[np.ndarray]:
+def row_chunks(arrays: Iterable[np.ndarray], rows: int = CHUNK_ROWS) -> Iterator[np.ndarray]:
     """The rows of ``arrays`` in order, in slices of at most ``rows`` (bounded float32 copies)."""
     for a in arrays:
         for start in range(0, len(a), rows):

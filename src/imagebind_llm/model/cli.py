@@ -16,9 +16,10 @@ def add_merge_delta_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--base", required=True, help="Meta LLaMA-7B folder (params.json + consolidated.00.pth)")
     p.add_argument("--delta", required=True, help="7B_chinese_delta folder (consolidated.00.pth + params.json)")
     p.add_argument("--out", required=True, help="output folder, e.g. llama_dir/7B_chinese")
+    p.add_argument("--overwrite", action="store_true", help="replace a merge (or any weights) already in --out")
     p.set_defaults(func=run_merge_delta)
 
 
 def run_merge_delta(args: argparse.Namespace) -> int:
-    print(f"wrote {merge_delta(args.base, args.delta, args.out)}")
+    print(f"wrote {merge_delta(args.base, args.delta, args.out, overwrite=args.overwrite)}")
     return 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from torch import nn
 
 from imagebind_llm.encoders import ImageBind, ImageBindConfig, load_official as load_official_encoder
 from imagebind_llm.hub import MODELS, NamedModel, default_cache_dir, fetch, read_state_dict
+from imagebind_llm.hub.files import atomic_files, make_dir, refuse_overwrite
 from imagebind_llm.llm.config import LLMConfig
 from imagebind_llm.llm.tokenizer import load_tokenizer
 from imagebind_llm.llm.weights import load_llm
@@ -117,7 +117,7 @@ def _merged_base(base: Path, named: NamedModel) -> Path:
     if not (out / BASE_MARKER).is_file():
         weights, params = (fetch(name) for name in named.delta)
         logger.warning("building %s's base in %s from %s + delta (once)", named.name, out, base)
-        merge_delta(base, weights, out, delta_params=params)
+        merge_delta(base, weights, out, delta_params=params, overwrite=True)  # no marker: an unfinished merge
     return out
 
 
@@ -244,10 +244,17 @@ def save_pretrained(model: ImageBindLLM, path: str | Path) -> Path:
     """Write ``config.json`` (adapter, LLM and encoder configs) and ``adapter.safetensors`` (our names).
 
     The base LLM and the encoder weights are not copied: they are frozen and loaded from their own files.
+    Both files are renamed into place together, ``config.json`` last (`imagebind_llm.hub.files.atomic_files`).
     Load it with ``create_model(ModelSpec(adapter=path, llm=..., imagebind=...))``.
     """
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    path = make_dir(path)
+    with atomic_files(path / ADAPTER_FILE, path / CONFIG_FILE) as (adapter_file, config_file):
+        write_pretrained(model, adapter_file, config_file)
+    return path
+
+
+def write_pretrained(model: ImageBindLLM, adapter_file: Path, config_file: Path) -> None:
+    """The two files of `save_pretrained`, written to the given (temporary) paths."""
     tensors = {name: p.detach().contiguous().cpu() for name, p in model.adapter_params("all").items()}
     config = {
         "format_version": FORMAT_VERSION,
@@ -255,9 +262,8 @@ def save_pretrained(model: ImageBindLLM, path: str | Path) -> Path:
         "llm": model.llm.config.to_dict(),
         "encoder": model.encoder.config.to_dict() if model.encoder is not None else None,
     }
-    _atomic(path / ADAPTER_FILE, lambda tmp: save_file(tensors, str(tmp)))
-    _atomic(path / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
-    return path
+    save_file(tensors, str(adapter_file))
+    config_file.write_text(json.dumps(config, indent=2))
 
 
 def load_pretrained(path: str | Path, llm_path: str | Path | None = None, imagebind: str | Path | None = None, *,
@@ -268,31 +274,30 @@ def load_pretrained(path: str | Path, llm_path: str | Path | None = None, imageb
     return create_model(ModelSpec(llm=llm_path, adapter=path, imagebind=imagebind, dtype=dtype, device=device))
 
 
-def _atomic(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half-written ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 # -------------------------------------------------------------------- Open-Chinese-LLaMA delta
-def merge_delta(base: str | Path, delta: str | Path, out: str | Path, *, delta_params: str | Path | None = None) -> Path:
+def merge_delta(base: str | Path, delta: str | Path, out: str | Path, *, delta_params: str | Path | None = None,
+                overwrite: bool = False) -> Path:
     """``out = fp16(base + delta)`` tensor by tensor, as the official ``get_chinese_llama.py`` (rope keys skipped).
 
     The released ``7B.pth`` adapter needs this base (``7B_chinese`` = LLaMA-7B + Open-Chinese-LLaMA delta).
     ``delta`` is a folder (``consolidated.00.pth`` + ``params.json``) or the weights file itself, with
     ``delta_params`` its ``params.json``. Writes ``consolidated.00.pth``, ``params.json`` and a marker file
-    to ``out``, each through a temporary name, the marker last: a folder with the marker is complete.
+    to ``out``, renamed into place together, the marker last: a folder with the marker is complete.
+
+    Raises:
+        FileExistsError: ``out`` already holds one of these files and ``overwrite`` is False.
     """
     base, delta, out = Path(base), Path(delta), Path(out)
+    targets = (out / "consolidated.00.pth", out / "params.json", out / BASE_MARKER)
+    refuse_overwrite(*targets, overwrite=overwrite)
     base_files = meta_shards(base)
     delta_files = meta_shards(delta) if delta.is_dir() else [delta]
     if len(base_files) != 1 or len(delta_files) != 1:
         raise ValueError(f"merge_delta expects single-shard 7B folders; got {len(base_files)} and {len(delta_files)}")
+    params = next((p for p in (Path(delta_params) if delta_params else None, delta / "params.json",
+                               base / "params.json") if p is not None and p.is_file()), None)
+    if params is None:
+        raise FileNotFoundError(f"no params.json next to {delta_files[0]} or in {base}; pass the delta's params.json")
     original = read_state_dict(base_files[0], what="LLaMA checkpoint", unwrap=False)
     diff = read_state_dict(delta_files[0], what="delta checkpoint", unwrap=False)
     merged = {}
@@ -302,11 +307,9 @@ def merge_delta(base: str | Path, delta: str | Path, out: str | Path, *, delta_p
         if key not in diff or diff[key].shape != tensor.shape:
             raise CheckpointMismatchError(f"delta {delta_files[0]} has no tensor {key!r} of shape {tuple(tensor.shape)}")
         merged[key] = (tensor.float() + diff[key].float()).half()
-    params = next(p for p in (Path(delta_params) if delta_params else None, delta / "params.json",
-                              base / "params.json") if p is not None and p.is_file())
-    out.mkdir(parents=True, exist_ok=True)
-    (out / BASE_MARKER).unlink(missing_ok=True)
-    _atomic(out / "consolidated.00.pth", lambda tmp: torch.save(merged, tmp))
-    _atomic(out / "params.json", lambda tmp: tmp.write_text(params.read_text()))
-    _atomic(out / BASE_MARKER, lambda tmp: tmp.write_text(json.dumps({"base": str(base), "delta": str(delta)}, indent=2)))
+    make_dir(out)
+    with atomic_files(*targets) as (weights_file, params_file, marker_file):
+        torch.save(merged, weights_file)
+        params_file.write_text(params.read_text())
+        marker_file.write_text(json.dumps({"base": str(base), "delta": str(delta)}, indent=2))
     return out

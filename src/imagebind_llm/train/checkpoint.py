@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import pickle
 import random
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,9 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
 )
 
+from imagebind_llm.hub.files import atomic_files, atomic_write, make_dir
 from imagebind_llm.model.convert import official_adapter_state_dict
-from imagebind_llm.model.factory import save_pretrained
+from imagebind_llm.model.factory import ADAPTER_FILE, CONFIG_FILE, write_pretrained
 from imagebind_llm.model.imagebind_llm import ImageBindLLM
 from imagebind_llm.train import distributed
 
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest.json"
+EXPORTS = ("adapter.pth", "pretrained")  # what `export` writes into the output folder
 _SAVE = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 _LOAD = StateDictOptions(full_state_dict=True, strict=False)
 
@@ -73,24 +76,16 @@ def save_checkpoint(output_dir: str | Path, module: nn.Module, optimizer: torch.
     rngs = distributed.gather_objects(rng_state())
     if not distributed.is_main():
         return None
-    folder = Path(output_dir) / CHECKPOINT_DIR
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = make_dir(Path(output_dir) / CHECKPOINT_DIR, "checkpoint folder")
     path = folder / f"step-{step:07d}.pt"
     payload = {"step": step, "epoch": epoch, "phase": phase, "config": config, "trainable": weights,
                "optimizer": optim_state, "rng": rngs}
-    _atomic(path, lambda tmp: torch.save(payload, tmp))
-    _atomic(folder / LATEST, lambda tmp: tmp.write_text(json.dumps({"step": step, "file": path.name})))
+    with atomic_write(path) as tmp:
+        torch.save(payload, tmp)
+    with atomic_write(folder / LATEST) as tmp:
+        tmp.write_text(json.dumps({"step": step, "file": path.name}))
     log.info("saved checkpoint %s", path)
     return path
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def find_checkpoint(resume: str | Path) -> Path:
@@ -100,16 +95,45 @@ def find_checkpoint(resume: str | Path) -> Path:
         return resume
     for folder in (resume / CHECKPOINT_DIR, resume):
         if (folder / LATEST).is_file():
-            return folder / json.loads((folder / LATEST).read_text())["file"]
+            try:
+                path = folder / json.loads((folder / LATEST).read_text())["file"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{folder / LATEST} is not a checkpoint pointer ({e!r}); pass a step-*.pt file "
+                                 "with --resume") from None
+            if not path.is_file():
+                raise FileNotFoundError(f"{folder / LATEST} names {path.name}, which does not exist; pass a "
+                                        "step-*.pt file with --resume")
+            return path
     raise FileNotFoundError(f"no checkpoint at {resume}: pass a step-*.pt file or a run folder with "
                             f"{CHECKPOINT_DIR}/{LATEST}")
+
+
+def read_checkpoint(resume: str | Path) -> tuple[Path, dict[str, Any]]:
+    """``(path, contents)`` of the checkpoint `find_checkpoint` finds.
+
+    Raises:
+        ValueError: the file is truncated, or not a training checkpoint (e.g. an exported adapter).
+    """
+    path = find_checkpoint(resume)
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a training checkpoint, or a truncated one (no complete torch.save archive)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{path} is not a readable checkpoint (corrupt?): "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    missing = [k for k in ("step", "phase", "trainable", "optimizer", "rng")
+               if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} is not a training checkpoint (no {', '.join(missing)}); --resume takes a run "
+                         f"folder or one of its {CHECKPOINT_DIR}/step-*.pt files")
+    return path, ckpt
 
 
 def load_checkpoint(resume: str | Path, module: nn.Module, optimizer: torch.optim.Optimizer,
                     phase: str) -> dict[str, Any]:
     """Restore weights, optimizer and this process's RNG state; returns the checkpoint (``step``, ``epoch``)."""
-    path = find_checkpoint(resume)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    path, ckpt = read_checkpoint(resume)
     if ckpt["phase"] != phase:
         raise ValueError(f"{path} is a {ckpt['phase']} checkpoint; it cannot resume a {phase} run")
     expected = set(get_model_state_dict(module, options=_SAVE))
@@ -133,11 +157,13 @@ def export(model: ImageBindLLM, output_dir: str | Path) -> dict[str, Path]:
     """Write the trained adapter in the official layout (``adapter.pth`` = ``{'model': ...}``, loadable by the
     official ``llama.load`` and by `imagebind_llm.create_model`) and in ours (``pretrained/``, `save_pretrained`).
 
-    Call with full (unsharded) weights on the main process.
+    The three files are renamed into place together, ``pretrained/config.json`` last: an interrupted export
+    leaves the previous export (or none), never a mix. Call with full (unsharded) weights on the main process.
     """
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    official = output_dir / "adapter.pth"
+    official, pretrained = output_dir / EXPORTS[0], make_dir(output_dir / EXPORTS[1], "export folder")
     state = {k: v.detach().cpu().clone() for k, v in official_adapter_state_dict(model).items()}
-    _atomic(official, lambda tmp: torch.save({"model": state}, tmp))
-    return {"official": official, "pretrained": save_pretrained(model, output_dir / "pretrained")}
+    with atomic_files(official, pretrained / ADAPTER_FILE, pretrained / CONFIG_FILE) as (official_tmp, adapter, config):
+        torch.save({"model": state}, official_tmp)
+        write_pretrained(model, adapter, config)
+    return {"official": official, "pretrained": pretrained}

@@ -39,6 +39,8 @@ def add_train_subcommands(subparsers: argparse._SubParsersAction) -> argparse.Ar
         _add_config_args(p)
         p.add_argument("--resume", metavar="DIR", help="continue from a run folder (its latest checkpoint) or a "
                        "checkpoints/step-*.pt file")
+        p.add_argument("--overwrite", action="store_true", help="start a new run in a train.output_dir that holds "
+                       "another run: its checkpoints are removed, its exports stay until the new run's replace them")
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
         p.set_defaults(func=_run_stage, stage=stage, recipe=name)
     e = sub.add_parser("extract-features", help="`cache extract` for the images of a stage-1 config",
@@ -62,7 +64,7 @@ def _run_stage(args: argparse.Namespace) -> int:
     for handler in logging.getLogger().handlers:
         handler.addFilter(distributed.RankZeroFilter())
     try:
-        result = RECIPES[args.recipe][1].run(config, resume=args.resume)
+        result = RECIPES[args.recipe][1].run(config, resume=args.resume, overwrite=args.overwrite)
     finally:
         distributed.teardown()
     if distributed.is_main():
@@ -79,6 +81,6 @@ def _extract(args: argparse.Namespace) -> int:
     done = extract_image_features(sources, args.out, imagebind=config.model.imagebind,
                                   config=config.model.imagebind_config, device=args.device,
                                   shard_size=args.shard_size, batch_size=args.batch_size,
-                                  progress=not args.no_progress)
+                                  progress=not args.no_progress, skip_bad=args.skip_bad, overwrite=args.overwrite)
     print(json.dumps({"images": len(sources), "shards_encoded": done, "out": args.out}))
     return 0

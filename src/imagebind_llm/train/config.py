@@ -161,7 +161,7 @@ def load_config(stage: int, path: str | Path | None = None, overrides: Sequence[
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. optim.lr=1e-3")
-        _merge(raw, _nest(key.strip().split("."), yaml.safe_load(value)), f"--set {item}")
+        _merge(raw, _nest(key.strip().split("."), _parse_yaml(value, f"--set {item}")), f"--set {item}")
     if raw["stage"] != stage:
         raise ConfigError(f"stage is {raw['stage']!r} in a stage-{stage} run")
     return TrainConfig.from_dict(raw)
@@ -170,12 +170,22 @@ def load_config(stage: int, path: str | Path | None = None, overrides: Sequence[
 def _read_user_file(path: Path, stage: int) -> Mapping[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"training config {path} does not exist")
-    user = yaml.safe_load(path.read_text()) or {}
+    user = _parse_yaml(path.read_text(), str(path)) or {}
     if not isinstance(user, Mapping):
         raise ConfigError(f"{path} must hold a mapping of sections (model, data, optim, train)")
     if user.get("stage", stage) != stage:
         raise ConfigError(f"{path} is a stage-{user['stage']} config; run `train stage{user['stage']}`")
     return user
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """``text`` parsed as YAML; a syntax error is a one-line `ConfigError` naming ``where`` and the position."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', None) or e}{at})") from None
 
 
 def _nest(keys: list[str], value: Any) -> dict[str, Any]:
@@ -204,9 +214,8 @@ _CHOICES = {"data.text_only": ("no_injection", "zero_image"), "train.precision":
             "train.distributed": ("ddp", "fsdp"), "train.device": ("auto", "cpu", "cuda")}
 _POSITIVE = ("model.max_seq_len", "model.lora_rank", "model.inject_layers", "data.max_words", "optim.lr",
              "optim.blr", "optim.eps", "optim.clip_grad", "optim.accum_iter", "train.epochs", "train.batch_size",
-             "train.save_every", "train.log_every")
-_NON_NEGATIVE = ("data.num_workers", "optim.min_lr", "optim.weight_decay", "optim.warmup_epochs",
-                 "train.max_steps")
+             "train.max_steps", "train.save_every", "train.log_every")
+_NON_NEGATIVE = ("data.num_workers", "optim.min_lr", "optim.weight_decay", "optim.warmup_epochs")
 
 
 def validate(config: TrainConfig) -> None:
@@ -260,6 +269,7 @@ def _get(config: TrainConfig, key: str) -> Any:
 
 
 _KINDS = {bool: "true or false", int: "a whole number", float: "a finite number", str: "a string"}
+_KINDS_PLURAL = {bool: "true/false values", int: "whole numbers", float: "finite numbers", str: "strings"}
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -273,7 +283,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         (item,) = typing.get_args(hint)
         items = [value] if isinstance(value, (str, os.PathLike)) else value
         if not isinstance(items, (list, tuple)):
-            raise ConfigError(f"{key} must be a list of {_KINDS[item]}s, got {value!r}")
+            raise ConfigError(f"{key} must be a list of {_KINDS_PLURAL[item]}, got {value!r}")
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(items)]
     if hint is bool and isinstance(value, bool):
         return value

@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 
 from imagebind_llm.cache.shards import IMAGE_SUFFIXES, TAR_SEP, read_image_bytes
 from imagebind_llm.llm.templates import alpaca_prompt
-from imagebind_llm.preprocess import train_transform
+from imagebind_llm.preprocess import MediaError, train_transform
 
 CAPTION_PROMPT = "Generate caption of this image"  # official stage-1 instruction
 DETAIL_PROMPT = "Describe this image in detail."  # MiniGPT-4 style detail data in stage 2
@@ -266,7 +266,8 @@ class TrainDataset(Dataset):
 
     Each item is a dict: ``tokens``/``labels`` ``[L]`` long, ``has_media`` bool, and ``image``
     ``[3, 224, 224]`` (random resized crop) or ``feature`` ``[D]`` (from a `imagebind_llm.cache.shards.FeatureStore`)
-    or neither.
+    or neither. An example whose image cannot be read gives ``{"error": message}`` instead (`collate` passes
+    it on, the training loop raises it), so the message reaches the user intact from DataLoader workers.
 
     Args:
         examples: from `read_examples`.
@@ -306,7 +307,11 @@ class TrainDataset(Dataset):
         if self.features is not None:
             item["feature"] = torch.tensor(np.asarray(self.features[index]), dtype=torch.float32)
         elif example.image is not None:
-            item["image"] = train_transform(read_image_bytes(example.image), generator)
+            try:
+                item["image"] = train_transform(read_image_bytes(example.image), generator)
+            except (MediaError, OSError) as e:  # returned, not raised: DataLoader workers would bury it in a traceback
+                problem = e.problem if isinstance(e, MediaError) else str(e)
+                return {"error": f"{example.image} (example {index} of data.train): {problem}; fix or remove it"}
         elif self.text_only == "zero_image":
             item["image"], item["has_media"] = torch.zeros(3, 224, 224), True
         return item
@@ -320,13 +325,17 @@ def image_sources(examples: Sequence[Example]) -> list[str]:
     return [ex.image for ex in examples]
 
 
-def collate(items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Pad to the longest row with 0 and stack.
 
     Returns:
         ``tokens``/``labels`` ``[B, S]``, ``has_media`` ``[B]`` bool, and ``images`` ``[M, 3, 224, 224]``
-        or ``features`` ``[M, D]`` for the ``M`` rows with media (in row order), when any.
+        or ``features`` ``[M, D]`` for the ``M`` rows with media (in row order), when any; or the first
+        item's ``{"error": message}`` when an item is one (see `TrainDataset`).
     """
+    errors = [it for it in items if "error" in it]
+    if errors:
+        return errors[0]
     length = max(len(it["tokens"]) for it in items)
     tokens = torch.zeros(len(items), length, dtype=torch.long)
     labels = torch.zeros(len(items), length, dtype=torch.long)

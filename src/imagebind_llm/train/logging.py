@@ -15,6 +15,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from imagebind_llm.hub.files import make_dir
+
 log = logging.getLogger(__name__)
 
 
@@ -22,7 +24,8 @@ class ProgressLogger:
     """Accumulates per-step numbers and writes a record every ``log_every`` steps.
 
     Args:
-        output_dir: where ``log.jsonl`` (appended, so resumed runs continue it) and ``tensorboard/`` go.
+        output_dir: where ``log.jsonl`` (appended when resuming, so resumed runs continue it; started anew
+            otherwise) and ``tensorboard/`` go.
         total_steps: optimiser steps of the run (for the bar and the ETA).
         start_step: the step a resumed run starts from.
         enabled: False on non-main processes (nothing is written or shown).
@@ -40,9 +43,8 @@ class ProgressLogger:
         self.bar = self.file = self.writer = None
         if not enabled:
             return
-        output_dir = Path(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        self.file = (output_dir / "log.jsonl").open("a")
+        output_dir = make_dir(output_dir, "train.output_dir")
+        self.file = (output_dir / "log.jsonl").open("a" if start_step else "w")
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", disable=not progress, dynamic_ncols=True)
         if tensorboard:
             try:

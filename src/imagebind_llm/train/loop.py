@@ -14,6 +14,7 @@ import contextlib
 import functools
 import logging
 import math
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,13 +27,14 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
 
 from imagebind_llm.cache import FeatureCache
+from imagebind_llm.hub.files import make_dir
 from imagebind_llm.model import ModelSpec, create_model
 from imagebind_llm.model.imagebind_llm import ImageBindLLM, Retrieve
 from imagebind_llm.model.media import MIX_EPS
 from imagebind_llm.train import distributed
-from imagebind_llm.train.checkpoint import export, load_checkpoint, save_checkpoint
+from imagebind_llm.train.checkpoint import CHECKPOINT_DIR, EXPORTS, LATEST, export, load_checkpoint, save_checkpoint
 from imagebind_llm.train.config import ModelSection, TrainConfig
-from imagebind_llm.train.data import TrainDataset, batch_order, collate, steps_per_epoch
+from imagebind_llm.train.data import DataFormatError, TrainDataset, batch_order, collate, steps_per_epoch
 from imagebind_llm.train.logging import ProgressLogger
 from imagebind_llm.train.optim import build_optimizer, scaled_lr
 from imagebind_llm.train.schedule import WarmupCosine
@@ -198,17 +200,30 @@ class TrainResult:
 
 
 def train(config: TrainConfig, model: ImageBindLLM, dataset: TrainDataset, device: torch.device,
-          resume: str | Path | None = None, retrieve: Retrieve | None = None) -> TrainResult:
+          resume: str | Path | None = None, retrieve: Retrieve | None = None, *, overwrite: bool = False
+          ) -> TrainResult:
     """Train ``model`` (already in its phase) on ``dataset`` as ``config`` says; see the module doc.
 
     Stops at the end of ``train.epochs`` or after ``train.max_steps`` optimiser steps (a stop before the
-    end writes a checkpoint that ``resume`` continues exactly); exports only at the end of the schedule.
+    end writes a checkpoint that ``resume`` continues exactly); exports only at the end of the schedule,
+    before that step's checkpoint (a run whose last checkpoint ends the schedule has its exports).
     ``retrieve`` blends the mixed features with the cache (`cache_retrieve`).
+
+    Raises:
+        FileExistsError: a new run (no ``resume``) into an output folder holding a run, without ``overwrite``.
+        ValueError: the data do not fill one optimiser step, or ``resume`` is already at the run's last step.
     """
     optim_cfg, run = config.optim, config.train
     phase = model.config.phase
     rank, world = distributed.rank(), distributed.world_size()
     torch.manual_seed(run.seed + rank)
+    accum = optim_cfg.accum_iter
+    per_epoch = steps_per_epoch(len(dataset), run.batch_size, world, accum)
+    global_batch = run.batch_size * accum * world
+    if per_epoch == 0:
+        raise ValueError(f"{len(dataset)} examples do not fill one optimiser step of {global_batch} (train.batch_size "
+                         f"{run.batch_size} x {world} processes x optim.accum_iter {accum}); lower them or add data")
+    check_output_dir(run.output_dir, resume, overwrite)
 
     model.to(device)
     if run.activation_checkpointing:
@@ -218,23 +233,27 @@ def train(config: TrainConfig, model: ImageBindLLM, dataset: TrainDataset, devic
     module = distributed.wrap(TrainStep(model, retrieve), run.distributed, device, blocks=fsdp_groups(model),
                               replicated=model.encoder, find_unused_parameters=text_only, param_dtype=amp_dtype)
 
-    accum = optim_cfg.accum_iter
-    global_batch = run.batch_size * accum * world
     lr = optim_cfg.lr if optim_cfg.lr is not None else scaled_lr(optim_cfg.blr, global_batch)
     optimizer = build_optimizer(module, lr, optim_cfg.weight_decay, optim_cfg.betas, optim_cfg.eps)
     schedule = WarmupCosine(lr, optim_cfg.min_lr, optim_cfg.warmup_epochs, run.epochs)
-    per_epoch = steps_per_epoch(len(dataset), run.batch_size, world, accum)
     total = per_epoch * run.epochs
     stop = total if run.max_steps is None else min(total, run.max_steps)
     log.info("%s: %d examples, %d steps/epoch x %d epochs, global batch %d, lr %.3e", phase, len(dataset),
              per_epoch, run.epochs, global_batch, lr)
 
-    if not dataset[(0, 0)]["labels"].any():
+    first = dataset[(0, 0)]
+    if "error" in first:
+        raise DataFormatError(first["error"])
+    if not first["labels"].any():
         log.warning("the first example has no answer token left after truncation to data.max_words=%d; "
                     "raise data.max_words (the prompt alone may fill it with this tokenizer)", dataset.max_words)
     step = 0
     if resume is not None:
         step = load_checkpoint(resume, module, optimizer, phase)["step"]
+        if step >= stop:
+            raise ValueError(f"the checkpoint of {resume} is at step {step} and this run stops at step {stop} "
+                             f"({per_epoch} steps/epoch x train.epochs {run.epochs}, train.max_steps "
+                             f"{run.max_steps}): nothing to train; raise train.epochs or train.max_steps")
     result = TrainResult(model=model, start_step=step, step=step)
     logger = ProgressLogger(run.output_dir, stop, step, log_every=run.log_every, enabled=distributed.is_main(),
                             progress=run.progress, tensorboard=run.tensorboard)
@@ -250,6 +269,9 @@ def train(config: TrainConfig, model: ImageBindLLM, dataset: TrainDataset, devic
                                      num_workers=config.data.num_workers, pin_memory=device.type == "cuda"))
             for in_epoch in range(in_epoch, per_epoch):
                 micro = [next(loader) for _ in range(accum)]
+                unreadable = next((b["error"] for b in micro if "error" in b), None)
+                if unreadable is not None:
+                    raise DataFormatError(unreadable)
                 step_lr = schedule.apply(optimizer, epoch + in_epoch / per_epoch)
                 loss = train_step(module, optimizer, micro, device=device, amp_dtype=amp_dtype,
                                   clip_grad=optim_cfg.clip_grad)
@@ -259,6 +281,11 @@ def train(config: TrainConfig, model: ImageBindLLM, dataset: TrainDataset, devic
                 result.lrs.append(step_lr)
                 tokens = sum(int((b["tokens"] != 0).sum()) for b in micro) * world
                 logger.step(step, epoch + (in_epoch + 1) / per_epoch, loss, step_lr, global_batch, tokens)
+                if step == total:
+                    with distributed.full_parameters(module):
+                        if distributed.is_main():
+                            result.exports = export(model, run.output_dir)
+                    distributed.barrier()
                 if step % run.save_every == 0 or step == stop:
                     result.checkpoint = save_checkpoint(run.output_dir, module, optimizer, step=step, epoch=epoch,
                                                         phase=phase, config=config.to_dict())
@@ -267,9 +294,25 @@ def train(config: TrainConfig, model: ImageBindLLM, dataset: TrainDataset, devic
     finally:
         logger.close()
     result.step, result.records = step, logger.records
-    if step == total:
-        with distributed.full_parameters(module):
-            if distributed.is_main():
-                result.exports = export(model, run.output_dir)
-        distributed.barrier()
     return result
+
+
+def check_output_dir(output_dir: str | Path, resume: str | Path | None, overwrite: bool) -> None:
+    """Refuse a new run into a folder holding a run (checkpoints or exports) unless ``overwrite``; with it, the
+    old run's checkpoints go now (they would mix with the new run's) and its exports stay until the new
+    run's replace them.
+
+    Raises:
+        FileExistsError: naming what was found and the ways on (``--resume``, ``--overwrite``).
+        NotADirectoryError: ``output_dir`` is a file.
+    """
+    output_dir = make_dir(output_dir, "train.output_dir")
+    if resume is not None:
+        return
+    found = [p for p in (output_dir / CHECKPOINT_DIR / LATEST, *(output_dir / e for e in EXPORTS)) if p.exists()]
+    if found and not overwrite:
+        raise FileExistsError(f"train.output_dir {output_dir} holds a training run ({found[0]}); continue it with "
+                              f"--resume {output_dir}, replace it with --overwrite, or set another train.output_dir")
+    if overwrite and distributed.is_main() and (output_dir / CHECKPOINT_DIR).is_dir():
+        log.warning("--overwrite: removing the checkpoints of the previous run in %s", output_dir)
+        shutil.rmtree(output_dir / CHECKPOINT_DIR)

@@ -21,8 +21,9 @@ from imagebind_llm.train.loop import TrainResult, build_model, cache_retrieve, t
 PHASE = "pretrain"
 
 
-def run(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
-    """Run stage 1 as configured (see ``configs/base.yaml`` and ``configs/stage1.yaml``)."""
+def run(config: TrainConfig, resume: str | Path | None = None, *, overwrite: bool = False) -> TrainResult:
+    """Run stage 1 as configured (see ``configs/base.yaml`` and ``configs/stage1.yaml``); ``resume`` and
+    ``overwrite`` as `imagebind_llm.train.loop.train` takes them."""
     data = config.data
     device = distributed.setup(config.train.device)
     examples = read_examples(data.train, data.image_root)
@@ -35,4 +36,5 @@ def run(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
     encoder = features.encoder if features is not None else encoder_name(config.model.imagebind_config)
     dataset = TrainDataset(examples, model.tokenizer, data.max_words, caption_prompt=data.prompt,
                            text_only=data.text_only, features=features, seed=config.train.seed)
-    return train(config, model, dataset, device, resume, retrieve=cache_retrieve(config.model, model, encoder))
+    return train(config, model, dataset, device, resume, retrieve=cache_retrieve(config.model, model, encoder),
+                 overwrite=overwrite)

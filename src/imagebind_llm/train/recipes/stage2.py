@@ -22,8 +22,9 @@ from imagebind_llm.train.loop import TrainResult, build_model, cache_retrieve, t
 PHASE = "finetune"
 
 
-def run(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
-    """Run stage 2 as configured (see ``configs/base.yaml`` and ``configs/stage2.yaml``)."""
+def run(config: TrainConfig, resume: str | Path | None = None, *, overwrite: bool = False) -> TrainResult:
+    """Run stage 2 as configured (see ``configs/base.yaml`` and ``configs/stage2.yaml``); ``resume`` and
+    ``overwrite`` as `imagebind_llm.train.loop.train` takes them."""
     data = config.data
     if data.features:
         raise ValueError("data.features is a stage-1 option (stage-2 data mixes text-only samples); unset it")
@@ -35,4 +36,4 @@ def run(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
     dataset = TrainDataset(examples, model.tokenizer, data.max_words, caption_prompt=DETAIL_PROMPT,
                            text_only=data.text_only, seed=config.train.seed)
     retrieve = cache_retrieve(config.model, model, encoder_name(config.model.imagebind_config))
-    return train(config, model, dataset, device, resume, retrieve=retrieve)
+    return train(config, model, dataset, device, resume, retrieve=retrieve, overwrite=overwrite)
