@@ -78,7 +78,9 @@ def test_merge_delta_adds_in_float_and_stores_half(tmp_path):
     b = {"w": torch.tensor([0.5, -2.0, 1e-4])}
     torch.save(a, base / "consolidated.00.pth")
     torch.save(b, delta / "consolidated.00.pth")
+    (tmp_path / "tokenizer.model").write_bytes(b"sentencepiece")  # Meta's layout: beside the size folders
     out = merge_delta(base, delta, tmp_path / "7B_chinese")
+    assert (out / "tokenizer.model").read_bytes() == b"sentencepiece"  # the merged base loads on its own
     merged = torch.load(out / "consolidated.00.pth", weights_only=True)
     assert set(merged) == {"w"}
     assert merged["w"].dtype == torch.float16

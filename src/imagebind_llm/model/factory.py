@@ -281,14 +281,18 @@ def merge_delta(base: str | Path, delta: str | Path, out: str | Path, *, delta_p
 
     The released ``7B.pth`` adapter needs this base (``7B_chinese`` = LLaMA-7B + Open-Chinese-LLaMA delta).
     ``delta`` is a folder (``consolidated.00.pth`` + ``params.json``) or the weights file itself, with
-    ``delta_params`` its ``params.json``. Writes ``consolidated.00.pth``, ``params.json`` and a marker file
-    to ``out``, renamed into place together, the marker last: a folder with the marker is complete.
+    ``delta_params`` its ``params.json``. Writes ``consolidated.00.pth``, ``params.json``, the base's
+    ``tokenizer.model`` (from ``base`` or its parent, where Meta keeps it) and a marker file to ``out``, renamed
+    into place together, the marker last: a folder with the marker is complete.
 
     Raises:
         FileExistsError: ``out`` already holds one of these files and ``overwrite`` is False.
     """
     base, delta, out = Path(base), Path(delta), Path(out)
-    targets = (out / "consolidated.00.pth", out / "params.json", out / BASE_MARKER)
+    # Meta keeps tokenizer.model beside the size folders (llama_dir/tokenizer.model): the merged base carries a copy.
+    tokenizer = next((p for p in (base / "tokenizer.model", base.parent / "tokenizer.model") if p.is_file()), None)
+    copies = [out / "tokenizer.model"] if tokenizer else []
+    targets = (out / "consolidated.00.pth", out / "params.json", *copies, out / BASE_MARKER)
     refuse_overwrite(*targets, overwrite=overwrite)
     base_files = meta_shards(base)
     delta_files = meta_shards(delta) if delta.is_dir() else [delta]
@@ -308,8 +312,10 @@ def merge_delta(base: str | Path, delta: str | Path, out: str | Path, *, delta_p
             raise CheckpointMismatchError(f"delta {delta_files[0]} has no tensor {key!r} of shape {tuple(tensor.shape)}")
         merged[key] = (tensor.float() + diff[key].float()).half()
     make_dir(out)
-    with atomic_files(*targets) as (weights_file, params_file, marker_file):
+    with atomic_files(*targets) as (weights_file, params_file, *tokenizer_file, marker_file):
         torch.save(merged, weights_file)
         params_file.write_text(params.read_text())
+        if tokenizer:
+            tokenizer_file[0].write_bytes(tokenizer.read_bytes())
         marker_file.write_text(json.dumps({"base": str(base), "delta": str(delta)}, indent=2))
     return out
