@@ -7,6 +7,7 @@ answer from an `Engine` with the sampling and blend options of the command line.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from typing import Any
 
@@ -56,6 +57,8 @@ def add_ask_command(subparsers: argparse._SubParsersAction) -> None:
     add_model_args(p)
     _add_media_args(p)
     _add_sampling_args(p, SamplingOptions())  # the official ImageBind-LLM defaults
+    p.add_argument("--json-schema", metavar="FILE", help="answer with JSON valid against the JSON schema in FILE "
+                                                         "(constrained decoding; needs imagebind-llm[structured])")
     p.set_defaults(func=run_ask, template=None, system=None)
 
 
@@ -106,7 +109,24 @@ def _add_sampling_args(p: argparse.ArgumentParser, defaults: SamplingOptions) ->
 
 
 def _media(args: argparse.Namespace) -> dict[str, str]:
-    return {name: getattr(args, name) for name in MODALITIES if getattr(args, name, None) is not None}
+    """The media options given: file paths, and texts (checked to be UTF-8)."""
+    return {name: value if MODALITIES[name].is_file else utf8_text(value, f"--{name}")
+            for name in MODALITIES if (value := getattr(args, name, None)) is not None}
+
+
+def utf8_text(text: str, what: str) -> str:
+    """``text`` itself, unless it holds bytes that are not UTF-8 (which Python decodes from the command line and
+    from stdin as lone surrogates).
+
+    Raises:
+        ValueError: naming ``what`` and the first bad byte.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not UTF-8 text (byte 0x{ord(text[e.start]) & 0xFF:02x} at character "
+                         f"{e.start + 1})") from None
+    return text
 
 
 def _loaded_media(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, float]]:
@@ -131,13 +151,22 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
 
 
 def build_engine(args: argparse.Namespace, **options: Any) -> Engine:
-    """The engine of the model options (`model_spec`) and ``--cache``; ``options`` go to `Engine`."""
+    """The engine of the model options (`model_spec`) and ``--cache``; ``options`` go to `Engine`.
+
+    Raises:
+        ValueError: the cache holds features of another width than the model's encoder gives.
+    """
     cache = None
     if getattr(args, "cache", None):
         from imagebind_llm.cache import FeatureCache
 
         cache = FeatureCache.load(args.cache)
-    return Engine(create_model(model_spec(args)), cache=cache, **options)
+    model = create_model(model_spec(args))
+    if cache is not None and cache.dim != model.config.feature_dim:
+        raise ValueError(f"--cache {args.cache} holds {cache.meta.encoder!r} features of dim {cache.dim}, but the "
+                         f"model's encoder gives dim {model.config.feature_dim}: build the cache with the model's "
+                         "encoder (`imagebind-llm cache build --imagebind ...`)")
+    return Engine(model, cache=cache, **options)
 
 
 def _sampling(args: argparse.Namespace) -> SamplingOptions:
@@ -152,15 +181,36 @@ def _blend(args: argparse.Namespace) -> BlendOptions:
 def run_ask(args: argparse.Namespace) -> int:
     if args.model and not (args.adapter or args.weights or args.name):
         raise ValueError("--model and --adapter go together (base LLM + official adapter file), or use --weights")
+    utf8_text(args.question, "the question")
     (media, weights), sampling, blend = _loaded_media(args), _sampling(args), _blend(args)
+    constraint = _json_schema(args.json_schema) if args.json_schema else None
     engine = build_engine(args, max_batch=1, background=False,
                           template="alpaca" if args.adapter or args.weights or args.name else None)
-    handle = engine.submit(Request.ask(args.question, media, weights, sampling=sampling, blend=blend))
+    handle = engine.submit(Request.ask(args.question, media, weights, sampling=sampling, blend=blend,
+                                       constraint=constraint))
     _print(handle.stream(), args.stream)
     return 0
 
 
+def _json_schema(path: str) -> Any:
+    """The constraint of ``--json-schema FILE``, checked before any model is built."""
+    from pathlib import Path
+
+    from imagebind_llm.llm.constrain import Constraint
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--json-schema {path}: cannot read it ({e})") from None
+    constraint = Constraint.json_schema(text)  # ConstraintError (a ValueError) names the problem
+    constraint.check()
+    return constraint
+
+
 def run_chat(args: argparse.Namespace) -> int:
+    for text, what in ((args.prompt, "the prompt"), (args.system, "--system")):
+        if text is not None:
+            utf8_text(text, what)
     (media, weights), sampling, blend = _loaded_media(args), _sampling(args), _blend(args)
     engine = build_engine(args, max_batch=1, background=False, template=args.template)
     session = ChatSession(engine, media or None, weights, system=args.system, blend=blend)
@@ -170,11 +220,15 @@ def run_chat(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
         print("Chatting; /exit to quit, /reset to start over.")
-    while True:
+    sys.stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 is reported below, not fatal
+    for number in itertools.count(1):
         try:
-            line = input("> " if interactive else "")
+            line = utf8_text(input("> " if interactive else ""), f"input line {number}")
         except EOFError:
             return 0
+        except ValueError as e:
+            print(f"imagebind-llm chat: error: {e}; skipped, the conversation goes on", file=sys.stderr)
+            continue
         line = line.strip()
         if line in _EXIT_COMMANDS:
             return 0

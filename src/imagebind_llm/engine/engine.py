@@ -34,6 +34,7 @@ from imagebind_llm.cache.blend import BlendOptions, FeatureRetriever
 from imagebind_llm.engine.request import Request
 from imagebind_llm.engine.scoring import Score, loglikelihood, text_pairs
 from imagebind_llm.llm.chat import choose_template
+from imagebind_llm.llm.constrain import ConstraintState, as_constraint
 from imagebind_llm.llm.generate import Completion, RowText, apply_repetition_penalty, pad_right, sample
 from imagebind_llm.model.imagebind_llm import ImageBindLLM
 from imagebind_llm.model.media import MediaInputs
@@ -150,6 +151,7 @@ class _Row:
     generated: int = 0
     last: int = 0  # the token to feed next
     suppress: list[int] = field(default_factory=list)
+    constraint: ConstraintState | None = None  # the grammar state of a constrained row
 
 
 class Engine:
@@ -391,6 +393,12 @@ class Engine:
         options = handle.request.sampling
         stop_ids = set(options.stop_token_ids if options.stop_token_ids is not None else self.tokenizer.stop_ids)
         stop_strings = options.stop_strings or getattr(self.template, "stop_strings", ())
+        constraint = as_constraint(handle.request.constraint)
+        state = None
+        if constraint is not None:  # the grammar decides the end: no stop strings, no suppressed stop tokens
+            state = constraint.start(self.tokenizer, self.model.llm.config.vocab_size)
+            stop_ids |= set(self.tokenizer.stop_ids)
+            stop_strings = ()
         seen = None
         if options.repetition_penalty != 1.0:
             seen = torch.zeros(self.model.llm.config.vocab_size, dtype=torch.bool, device=self.device)
@@ -398,7 +406,7 @@ class Engine:
         return _Row(handle=handle, text=RowText(self.tokenizer, stop_ids, [s for s in stop_strings if s]),
                     pos=len(ids), max_new=min(options.max_new_tokens, self.max_context - len(ids)),
                     has_media=has_media, generator=options.generator(self.device), seen=seen,
-                    suppress=sorted(stop_ids))
+                    suppress=[] if state is not None else sorted(stop_ids), constraint=state)
 
     def _write_injections(self, start: int, requests: Sequence[Request],
                           media: Sequence[MediaInputs | torch.Tensor | None]) -> None:
@@ -480,8 +488,14 @@ class Engine:
             logits = apply_repetition_penalty(logits, row.seen[None], options.repetition_penalty)
         if row.generated < options.min_new_tokens and row.suppress:
             logits = logits.index_fill(-1, torch.tensor(row.suppress, device=self.device), float("-inf"))
-        return int(sample(logits, temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
-                          generator=row.generator)[0])
+        mask = None if row.constraint is None else row.constraint.mask(self.device)[None]
+        token = int(sample(logits, temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
+                           generator=row.generator, mask=mask)[0])
+        if row.constraint is not None and token not in row.text.stop_ids:
+            row.constraint.advance(token)
+            if row.constraint.done:  # the grammar is complete: this token is the row's last
+                row.text.done, row.text.result.finish_reason = True, "stop"
+        return token
 
     def _retire(self, i: int) -> None:
         """Finish row ``i`` and keep the rows packed: the last row moves into its slot."""

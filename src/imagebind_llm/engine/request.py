@@ -33,6 +33,10 @@ class Request:
         features: the media's mixed ImageBind feature ``[1, feature_dim]`` computed before
             (`Engine.encode`); the media parts are then not loaded or encoded again (a chat's later turns,
             several questions about one image). The cache blend still applies.
+        constraint: what the answer must match (constrained decoding, `imagebind_llm.llm.constrain`): a
+            `Constraint` (``Constraint.json_schema(...)``, ``.regex(...)``, ``.json_object()``) or a JSON-schema
+            dict. The answer then ends as soon as the grammar is complete; stop strings and
+            ``min_new_tokens`` do not apply. Needs the ``structured`` extra.
     """
 
     messages: Sequence[Mapping[str, Any]] = ()
@@ -40,6 +44,7 @@ class Request:
     blend: BlendOptions = field(default_factory=BlendOptions)
     prompt_ids: Sequence[int] | None = None
     features: torch.Tensor | None = None
+    constraint: Any = None  # Constraint | JSON-schema dict | None
 
     @classmethod
     def ask(cls, question: str, media: Mapping[str, Any] | None = None, weights: Mapping[str, float] | None = None,

@@ -128,13 +128,19 @@ def apply_top_p(logits: Tensor, p: float) -> Tensor:
 
 
 def sample(logits: Tensor, *, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-           generator: torch.Generator | None = None) -> Tensor:
+           generator: torch.Generator | None = None, mask: Tensor | None = None) -> Tensor:
     """Pick one token per row of ``logits`` ``[B, V]``; returns ``[B]`` int64.
+
+    ``mask`` ``[B, V]`` bool (True: allowed), e.g. from a grammar (`imagebind_llm.llm.constrain`), is
+    applied first: disallowed tokens get -inf before temperature, top-k and top-p, so the filters only
+    see allowed tokens. Every row needs at least one allowed token.
 
     ``temperature == 0`` is greedy (argmax). Otherwise the logits are scaled by ``1 / temperature``,
     filtered by top-k and top-p, and sampled with the exponential-race trick (``argmax(p / Exp(1))``),
     which is a categorical draw that needs no host sync.
     """
+    if mask is not None:
+        logits = logits.masked_fill(~mask.to(logits.device), float("-inf"))
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature

@@ -14,7 +14,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request as HTTPRequest
@@ -24,7 +24,8 @@ from starlette.exceptions import HTTPException
 
 from imagebind_llm.engine import EngineStopped, Handle, QueueFullError, Request
 from imagebind_llm.serve.protocol import (APIError, ChatRequest, bad_request, chunk_object, completion_id,
-                                          completion_object, model_list, parse_chat_request, too_large, usage)
+                                          completion_object, model_list, parse_chat_request, split_tool_call,
+                                          too_large, tool_call_id, tool_call_message, usage)
 from imagebind_llm.serve.service import Service
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ def _engine_request(chat: ChatRequest, tensors: list[Any]) -> Request:
     parts = [{"type": p.modality, p.modality: t, "weight": p.weight} for p, t in zip(chat.media, tensors)]
     if parts:
         messages[-1] = {"role": "user", "content": [*parts, {"type": "text", "text": messages[-1]["content"]}]}
-    return Request(messages=messages, sampling=chat.sampling, blend=chat.blend)
+    return Request(messages=messages, sampling=chat.sampling, blend=chat.blend, constraint=chat.constraint)
 
 
 class _Answer:
@@ -209,8 +210,12 @@ class _Answer:
     async def whole(self, request: HTTPRequest) -> dict[str, Any]:
         text = "".join([piece async for piece in self.pieces(request)])
         completion = self.handle.completion
-        return completion_object(self.id, self.created, self.chat.model, text.rstrip(), completion.finish_reason,
-                                 self.prompt_tokens, len(completion.tokens))
+        answer = completion_object(self.id, self.created, self.chat.model, text.rstrip(), completion.finish_reason,
+                                   self.prompt_tokens, len(completion.tokens))
+        message = tool_call_message(text) if self.chat.tool_call else None
+        if message is not None:  # a complete call; a cut-off one stays text with finish_reason "length"
+            answer["choices"][0].update(message=message, finish_reason="tool_calls")
+        return answer
 
     async def events(self) -> AsyncIterator[str]:
         """SSE: the role first, the content (``finish_reason`` on the last content chunk), usage, ``[DONE]``."""
@@ -220,6 +225,10 @@ class _Answer:
         def chunk(delta: dict[str, str], finish: str | None = None) -> str:
             return event(chunk_object(self.id, self.created, self.chat.model, delta, finish))
 
+        if self.chat.tool_call:
+            async for text in self._tool_call_events(event):
+                yield text
+            return
         yield chunk({"role": "assistant", "content": ""})
         pending: str | None = None  # held back one piece so that the last one carries finish_reason
         try:
@@ -236,6 +245,50 @@ class _Answer:
             return
         completion = self.handle.completion
         yield chunk({"content": pending or ""}, completion.finish_reason)
+        if self.chat.include_usage:
+            yield event(chunk_object(self.id, self.created, self.chat.model, None,
+                                     usage_=usage(self.prompt_tokens, len(completion.tokens))))
+        yield "data: [DONE]\n\n"
+
+
+    async def _tool_call_events(self, event: Callable[[dict[str, Any]], str]) -> AsyncIterator[str]:
+        """A generated call streamed as OpenAI streams one: the first chunk holds the call's index, id, type and
+        function name (once the model has written the name), the next ones pieces of ``function.arguments``,
+        the last an empty delta with ``finish_reason: "tool_calls"`` ("length" if the call was cut off)."""
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+            return event(chunk_object(self.id, self.created, self.chat.model, delta, finish))
+
+        def arguments(piece: str) -> dict[str, Any]:
+            return {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}
+
+        text, head, sent = "", None, 0  # sent: characters of the arguments streamed so far
+        try:
+            async for piece in self.pieces(None):
+                text += piece
+                if head is None and (head := split_tool_call(text)) is not None:
+                    yield chunk({"role": "assistant", "content": None, "tool_calls": [
+                        {"index": 0, "id": tool_call_id(), "type": "function",
+                         "function": {"name": head[0], "arguments": ""}}]})
+                if head is not None and len(text) - 1 > head[1] + sent:  # hold back the call's closing brace
+                    yield chunk(arguments(text[head[1] + sent:-1]))
+                    sent = len(text) - 1 - head[1]
+        except Exception as e:
+            error = e if isinstance(e, APIError) else APIError(500, f"generation failed ({type(e).__name__})",
+                                                               type="server_error", code="generation_failed")
+            log.warning("stream %s failed: %s", self.id, e)
+            yield event(error.body())
+            yield "data: [DONE]\n\n"
+            return
+        completion = self.handle.completion
+        message = tool_call_message(text)
+        if message is None:  # cut off before the call was complete: what there is, as text
+            yield chunk({"role": "assistant", "content": text} if head is None else arguments(text[head[1] + sent:]),
+                        completion.finish_reason)
+        else:
+            rest = message["tool_calls"][0]["function"]["arguments"][sent:]
+            if rest:
+                yield chunk(arguments(rest))
+            yield chunk({}, "tool_calls")
         if self.chat.include_usage:
             yield event(chunk_object(self.id, self.created, self.chat.model, None,
                                      usage_=usage(self.prompt_tokens, len(completion.tokens))))

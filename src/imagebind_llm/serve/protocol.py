@@ -20,7 +20,9 @@ retrieval cache is set with the extra body field ``"cache": {"top_k", "temperatu
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from imagebind_llm.engine import BlendOptions, UnknownModalityError, modality
+from imagebind_llm.llm.constrain import Constraint, ConstraintError
 from imagebind_llm.llm.generate import SamplingOptions
 
 
@@ -85,10 +88,13 @@ class ChatRequest:
     model: str
     stream: bool = False
     include_usage: bool = False
+    constraint: Constraint | None = None  # response_format, or the tool-call schema
+    tool_call: bool = False  # the answer is returned as message.tool_calls
 
 
 _URL_PARTS = {"image_url": "image", "video_url": "video", "audio_url": "audio"}
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
+          "tool": "user"}  # a tool result is rendered as a user message (`_tool_text`)
 MAX_STOP_STRINGS = 4
 SEED_RANGE = range(-(2 ** 63), 2 ** 64)  # what torch.Generator.manual_seed takes
 
@@ -116,6 +122,8 @@ def parse_chat_request(body: Any, *, default_model: str, max_media_items: int) -
     for i, message in enumerate(raw_messages):
         text, parts = _parse_message(message, f"messages[{i}]")
         role = _ROLES[message["role"]]
+        if message["role"] == "tool" or message.get("tool_calls"):
+            text = _tool_text(message, text, raw_messages[:i], f"messages[{i}]")
         if role == "system" and messages:
             raise bad_request("only the first message may be a system message", f"messages[{i}].role")
         messages.append({"role": role, "content": text})
@@ -137,9 +145,15 @@ def parse_chat_request(body: Any, *, default_model: str, max_media_items: int) -
         raise bad_request(f"n={n!r} is not supported; this server returns one choice per request (n=1)", "n")
     stream = _optional(body, "stream", bool, False)
     stream_options = _optional(body, "stream_options", Mapping, {}) or {}
+    constraint, tool_call = _response_format(body), False
+    tools_prompt, tools_constraint = _tools(body, raw_messages)
+    if tools_constraint is not None:
+        messages = _with_system_text(messages, tools_prompt)
+        constraint, tool_call = tools_constraint, True
     return ChatRequest(messages=messages, media=media, sampling=_sampling(body), blend=_blend(body),
                        model=_optional(body, "model", str, default_model) or default_model, stream=stream,
-                       include_usage=bool(stream and stream_options.get("include_usage")))
+                       include_usage=bool(stream and stream_options.get("include_usage")),
+                       constraint=constraint, tool_call=tool_call)
 
 
 def _parse_message(message: Any, param: str) -> tuple[str, list[MediaPart]]:
@@ -247,6 +261,156 @@ def _sampling(body: Mapping[str, Any]) -> SamplingOptions:
                            top_p=None if top_p >= 1 else float(top_p), seed=seed, stop_strings=tuple(stops))
 
 
+# ---------------------------------------------------------------- structured outputs and tools
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _checked(constraint: Constraint, param: str) -> Constraint:
+    try:
+        constraint.check()
+    except ConstraintError as e:
+        raise bad_request(str(e), param) from None
+    return constraint
+
+
+def _response_format(body: Mapping[str, Any]) -> Constraint | None:
+    """``response_format``: ``{"type": "text"}`` (none), ``{"type": "json_object"}``, or ``{"type": "json_schema",
+    "json_schema": {"name", "schema", "strict"}}``; the answer is then generated under that constraint."""
+    fmt = _optional(body, "response_format", Mapping, None)
+    if fmt is None or fmt.get("type") == "text":
+        return None
+    if fmt.get("type") == "json_object":
+        return _checked(Constraint.json_object(), "response_format")
+    if fmt.get("type") == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, Mapping) or not isinstance(spec.get("schema"), (Mapping, bool)):
+            raise bad_request("a json_schema response_format needs {'json_schema': {'name': ..., 'schema': {...}}}",
+                              "response_format.json_schema.schema")
+        return _checked(Constraint.json_schema(spec["schema"]), "response_format.json_schema.schema")
+    raise bad_request(f"response_format type {fmt.get('type')!r} is not supported; use text, json_object or "
+                      "json_schema", "response_format.type")
+
+
+def _tools(body: Mapping[str, Any], raw_messages: list[Any]) -> tuple[str, Constraint | None]:
+    """``tools`` + ``tool_choice`` -> (the text listing the functions, the tool-call constraint), or ("", None)
+    when this answer is not a tool call.
+
+    The rule (a small model cannot be trusted to decide): ``"required"`` or a named function always calls
+    (that function); ``"auto"`` (the default with tools) calls a tool when the last message is the user's,
+    and answers in text when it is a tool result; ``"none"`` never calls. A call is generated as the JSON
+    object ``{"name": ..., "arguments": {...}}`` constrained to an ``anyOf`` over the tools (each with its
+    ``parameters`` schema), and returned as ``message.tool_calls``.
+    """
+    tools = _optional(body, "tools", list, None)
+    choice = body.get("tool_choice")
+    if not tools:
+        if choice not in (None, "none"):
+            raise bad_request("'tool_choice' needs 'tools'", "tool_choice")
+        return "", None
+    functions: dict[str, dict[str, Any]] = {}
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, Mapping) and tool.get("type") == "function" else None
+        if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str) or not _TOOL_NAME.fullmatch(fn["name"]):
+            raise bad_request("each tool must be {'type': 'function', 'function': {'name': [A-Za-z0-9_-]{1,64}, "
+                              "'description': ..., 'parameters': {JSON schema}}}", f"tools[{i}]")
+        params = fn.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(params, Mapping):
+            raise bad_request("'parameters' must be a JSON schema object", f"tools[{i}].function.parameters")
+        functions[fn["name"]] = {"description": str(fn.get("description") or ""), "parameters": dict(params)}
+    if choice in (None, "auto"):
+        last = raw_messages[-1] if raw_messages else {}
+        if isinstance(last, Mapping) and last.get("role") == "tool":
+            return "", None
+        names = list(functions)
+    elif choice == "none":
+        return "", None
+    elif choice == "required":
+        names = list(functions)
+    elif isinstance(choice, Mapping) and isinstance(choice.get("function"), Mapping):
+        name = choice["function"].get("name")
+        if name not in functions:
+            raise bad_request(f"tool_choice names {name!r}, which is not among the tools {list(functions)}",
+                              "tool_choice")
+        names = [name]
+    else:
+        raise bad_request("'tool_choice' must be 'none', 'auto', 'required' or {'type': 'function', 'function': "
+                          "{'name': ...}}", "tool_choice")
+    calls = [{"type": "object", "properties": {"name": {"const": n}, "arguments": functions[n]["parameters"]},
+              "required": ["name", "arguments"], "additionalProperties": False} for n in names]
+    schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    listing = "\n".join(f"- {n}: {functions[n]['description']}\n  arguments (JSON schema): "
+                        f"{json.dumps(functions[n]['parameters'])}" for n in functions)
+    prompt = (f"You can call these functions:\n{listing}\nTo call a function, answer with only a JSON object "
+              '{"name": <function name>, "arguments": <its arguments>}.'
+              + (f" Call {names[0]}." if len(names) == 1 and len(functions) > 1 else ""))
+    return prompt, _checked(Constraint.json_schema(schema), "tools")
+
+
+def _with_system_text(messages: list[dict[str, str]], text: str) -> list[dict[str, str]]:
+    """``text`` added to the system message (a new one first when there is none)."""
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": f"{messages[0]['content']}\n\n{text}".strip()}, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
+
+
+def _tool_text(message: Mapping[str, Any], text: str, earlier: list[Any], param: str) -> str:
+    """An assistant message's ``tool_calls`` as the JSON the model writes for a call; a ``tool`` message as
+    "Result of NAME: ...", NAME found through its ``tool_call_id``."""
+    if message["role"] == "tool":
+        previous = earlier[-1] if earlier else None
+        if not (isinstance(previous, Mapping) and (previous.get("role") == "tool" or previous.get("tool_calls"))):
+            raise bad_request("a 'tool' message must answer a preceding assistant message with 'tool_calls'",
+                              f"{param}.role")
+        names = {c.get("id"): (c.get("function") or {}).get("name") for m in earlier if isinstance(m, Mapping)
+                 for c in (m.get("tool_calls") or []) if isinstance(c, Mapping)}
+        name = names.get(message.get("tool_call_id")) or message.get("name") or "the function"
+        return f"Result of {name}: {text}"
+    calls = message["tool_calls"]
+    if not isinstance(calls, list) or not all(isinstance(c, Mapping) and isinstance(c.get("function"), Mapping)
+                                              for c in calls):
+        raise bad_request("'tool_calls' must be a list of {'id', 'type': 'function', 'function': {'name', "
+                          "'arguments'}}", f"{param}.tool_calls")
+    lines = [text] if text else []
+    for call in calls:
+        fn = call["function"]
+        arguments = fn.get("arguments", "{}")
+        try:
+            arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+        except json.JSONDecodeError:
+            pass
+        lines.append(json.dumps({"name": fn.get("name"), "arguments": arguments}, separators=(",", ":")))
+    return "\n".join(lines)
+
+
+def tool_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+_CALL_HEAD = re.compile(r'\s*\{"name":("(?:[^"\\]|\\.)*"),"arguments":')
+
+
+def split_tool_call(text: str) -> tuple[str, int] | None:
+    """``(name, where the arguments start)`` once ``text`` has the head of a generated call
+    ``{"name":"f","arguments":...}``; None before that."""
+    match = _CALL_HEAD.match(text)
+    return (json.loads(match.group(1)), match.end()) if match else None
+
+
+def tool_call_message(text: str) -> dict[str, Any] | None:
+    """The assistant message of a complete generated call: ``content`` None, ``tool_calls`` with the arguments
+    as a JSON string; None when ``text`` is not a complete call (cut off by the token limit)."""
+    head = split_tool_call(text)
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if head is None:
+        return None
+    return {"role": "assistant", "content": None,
+            "tool_calls": [{"id": tool_call_id(), "type": "function",
+                            "function": {"name": head[0], "arguments": text.rstrip()[head[1]:-1]}}]}
+
+
 def _blend(body: Mapping[str, Any]) -> BlendOptions:
     cache = _optional(body, "cache", Mapping, {})
     unknown = sorted(set(cache) - {"top_k", "temperature", "weight"})
@@ -259,7 +423,7 @@ def _blend(body: Mapping[str, Any]) -> BlendOptions:
 
 
 # ---------------------------------------------------------------- responses
-FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop", "tool_calls": "tool_calls"}
 
 
 def completion_id() -> str:
