@@ -23,9 +23,10 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from imagebind_llm.engine import EngineStopped, Handle, QueueFullError, Request
+from imagebind_llm.serve.images import add_image_routes
 from imagebind_llm.serve.protocol import (APIError, ChatRequest, bad_request, chunk_object, completion_id,
-                                          completion_object, model_list, parse_chat_request, split_tool_call,
-                                          too_large, tool_call_id, tool_call_message, usage)
+                                          completion_object, model_list, parse_chat_request, read_json,
+                                          split_tool_call, tool_call_id, tool_call_message, usage)
 from imagebind_llm.serve.service import Service
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ def create_app(service: Service) -> FastAPI:
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return JSONResponse(await answer.whole(request))
 
+    add_image_routes(app, service)
     if config.ui:
         from imagebind_llm.serve.ui import mount_ui
 
@@ -145,22 +147,6 @@ def _error_response(service: Service, error: APIError) -> JSONResponse:
     service.metrics.errors.labels(error.type, str(error.code)).inc()
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
-
-async def read_json(request: HTTPRequest, limit: int) -> Any:
-    """The body as JSON, refused with 413 as soon as it passes ``limit`` bytes (never read whole first)."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise too_large(f"the request body is {int(declared):,} bytes; the limit is {limit:,} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large(f"the request body is over the {limit:,}-byte limit")
-        chunks.append(chunk)
-    try:
-        return json.loads(b"".join(chunks))
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, a 5000-digit number, [[[[...
-        raise bad_request(f"the request body is not valid JSON: {e}") from None
 
 
 def _engine_request(chat: ChatRequest, tensors: list[Any]) -> Request:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import json
 import math
 import time
 from collections.abc import Mapping
@@ -29,7 +28,7 @@ from fastapi.responses import JSONResponse
 
 from imagebind_llm.apps.unclip import POINT_SCALE, PipelineMissingError, UnCLIP, image_embedding
 from imagebind_llm.engine import Request
-from imagebind_llm.serve.protocol import APIError, _blend, _media_part, bad_request, too_large
+from imagebind_llm.serve.protocol import APIError, bad_request, parse_blend, parse_media_part, read_json, too_large
 from imagebind_llm.serve.service import Service
 
 MAX_IMAGES = 4
@@ -47,7 +46,7 @@ def add_image_routes(app: FastAPI, service: Service, unclip: UnCLIP | None = Non
             raise APIError(404, "this server does not generate images: start it with --unclip (a Stable unCLIP "
                                 "pipeline folder or stabilityai/stable-diffusion-2-1-unclip) and the images extra",
                            type="invalid_request_error", code="images_disabled")
-        body = await _read_json(request, service.config.max_body_bytes)
+        body = await read_json(request, service.config.max_body_bytes)
         parsed = parse_image_request(body, max_media_items=service.config.max_media_items)
         engine = service.engine  # 503 while loading
         tensors = await service.decode(parsed["media"])
@@ -69,22 +68,6 @@ def add_image_routes(app: FastAPI, service: Service, unclip: UnCLIP | None = Non
         return JSONResponse({"created": int(time.time()), "data": data, "output_format": "png",
                              "size": f"{width}x{height}"})
 
-
-async def _read_json(request: HTTPRequest, limit: int) -> Any:
-    """The body as JSON, refused with 413 past ``limit`` bytes (serve.app's `read_json`; app imports this module)."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise too_large(f"the request body is {int(declared):,} bytes; the limit is {limit:,} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large(f"the request body is over the {limit:,}-byte limit")
-        chunks.append(chunk)
-    try:
-        return json.loads(b"".join(chunks))
-    except (ValueError, RecursionError) as e:
-        raise bad_request(f"the request body is not valid JSON: {e}") from None
 
 
 def parse_image_request(body: Any, *, max_media_items: int) -> dict[str, Any]:
@@ -112,7 +95,7 @@ def parse_image_request(body: Any, *, max_media_items: int) -> dict[str, Any]:
         where = f"media[{i}]"
         if not isinstance(part, Mapping):
             raise bad_request("each media part must be an object with a 'type'", where)
-        parsed = _media_part(part, where)
+        parsed = parse_media_part(part, where)
         if parsed.modality in seen:
             raise bad_request(f"{where} is a second {parsed.modality} input (the first is {seen[parsed.modality]}); "
                               "send one per modality", where)
@@ -144,7 +127,7 @@ def parse_image_request(body: Any, *, max_media_items: int) -> dict[str, Any]:
     options["noise_level"] = _whole(body, "noise_level", 0, 0, 999)
     options["guidance_scale"] = _number(body, "guidance_scale", 10.0, 0.0, 50.0)
     point_scale = _number(body, "point_scale", POINT_SCALE, 1e-6, 1e6)
-    return {"prompt": prompt, "media": media, "blend": _blend(body), "point_scale": point_scale, "options": options}
+    return {"prompt": prompt, "media": media, "blend": parse_blend(body), "point_scale": point_scale, "options": options}
 
 
 def _whole(body: Mapping[str, Any], name: str, default: int, low: int, high: int) -> int:

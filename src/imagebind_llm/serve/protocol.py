@@ -150,7 +150,7 @@ def parse_chat_request(body: Any, *, default_model: str, max_media_items: int) -
     if tools_constraint is not None:
         messages = _with_system_text(messages, tools_prompt)
         constraint, tool_call = tools_constraint, True
-    return ChatRequest(messages=messages, media=media, sampling=_sampling(body), blend=_blend(body),
+    return ChatRequest(messages=messages, media=media, sampling=_sampling(body), blend=parse_blend(body),
                        model=_optional(body, "model", str, default_model) or default_model, stream=stream,
                        include_usage=bool(stream and stream_options.get("include_usage")),
                        constraint=constraint, tool_call=tool_call)
@@ -182,11 +182,11 @@ def _parse_message(message: Any, param: str) -> tuple[str, list[MediaPart]]:
         elif role != "user":
             raise bad_request(f"{role} messages may only hold text parts, got {kind!r}", f"{where}.type")
         else:
-            media.append(_media_part(part, where))
+            media.append(parse_media_part(part, where))
     return "\n".join(texts), media
 
 
-def _media_part(part: Mapping[str, Any], where: str) -> MediaPart:
+def parse_media_part(part: Mapping[str, Any], where: str) -> MediaPart:
     kind = part.get("type")
     weight = part.get("weight", 1.0)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (_finite(weight) and weight >= 0):
@@ -411,7 +411,7 @@ def tool_call_message(text: str) -> dict[str, Any] | None:
                             "function": {"name": head[0], "arguments": text.rstrip()[head[1]:-1]}}]}
 
 
-def _blend(body: Mapping[str, Any]) -> BlendOptions:
+def parse_blend(body: Mapping[str, Any]) -> BlendOptions:
     cache = _optional(body, "cache", Mapping, {})
     unknown = sorted(set(cache) - {"top_k", "temperature", "weight"})
     if unknown:
@@ -420,6 +420,23 @@ def _blend(body: Mapping[str, Any]) -> BlendOptions:
         return BlendOptions(**cache)
     except (TypeError, ValueError, OverflowError) as e:
         raise bad_request(str(e), "cache") from None
+
+
+async def read_json(request: Any, limit: int) -> Any:
+    """A Starlette request's body as JSON, refused with 413 as soon as it passes ``limit`` bytes (never read whole first)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise too_large(f"the request body is {int(declared):,} bytes; the limit is {limit:,} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(f"the request body is over the {limit:,}-byte limit")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, a 5000-digit number, [[[[...
+        raise bad_request(f"the request body is not valid JSON: {e}") from None
 
 
 # ---------------------------------------------------------------- responses
