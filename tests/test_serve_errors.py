@@ -649,3 +649,23 @@ def test_case_builders_are_what_they_claim():
     assert math.isclose(len(wav(2.0)) / 32_000, 2.0, abs_tol=0.01)
     with pytest.raises(ValueError):
         np.load(io.BytesIO(pickled_npy(Path("/nonexistent/never"))), allow_pickle=False)
+
+
+def test_errors_raised_inside_the_engine_are_the_clients_400s(start_server, monkeypatch):
+    """A user error that only shows once the engine runs the request (here: the media mix refusing) is a 400
+    in the OpenAI shape, whole or streamed, never a 500."""
+    live = start_server()
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(
+        (MEDIA / "girl.jpg").read_bytes()).decode()}}
+    zero = {"model": "m", "max_tokens": 3, "messages": [{"role": "user", "content": [{**image, "weight": 0},
+                                                                                      {"type": "text", "text": "Hi"}]}]}
+    with httpx.Client(timeout=60) as client:
+        refused = client.post(live.url + "/v1/chat/completions", json=zero)
+        assert refused.status_code == 400 and "weights are 0" in refused.json()["error"]["message"]
+        engine = live.service.engine
+        monkeypatch.setattr(engine.model, "mix_requests", lambda *a, **k: (_ for _ in ()).throw(ValueError("bad mix")))
+        body = {**zero, "messages": [{"role": "user", "content": [image, {"type": "text", "text": "Hi"}]}]}
+        whole = client.post(live.url + "/v1/chat/completions", json=body)
+        assert whole.status_code == 400 and whole.json()["error"]["message"] == "bad mix"
+        streamed = client.post(live.url + "/v1/chat/completions", json={**body, "stream": True}).text
+        assert '"bad mix"' in streamed and '"invalid_request_error"' in streamed

@@ -184,6 +184,8 @@ class _Answer:
                     started = bool(piece)
                 if piece:
                     yield piece
+        except ValueError as e:  # the request's media or options failed inside the engine: the client's error
+            raise bad_request(str(e), "messages", "invalid_request") from None
         finally:
             if watcher:
                 watcher.cancel()

@@ -140,6 +140,9 @@ def parse_chat_request(body: Any, *, default_model: str, max_media_items: int) -
                               "ImageBind-LLM mixes one input per modality into one feature: send one per modality",
                               part.param)
         seen[part.modality] = part.param
+    if media and not any(part.weight > 0 for part in media):
+        raise bad_request("all media weights are 0; give at least one weight > 0 or drop the media",
+                          media[0].param + ".weight")
     n = body.get("n")
     if n is not None and n != 1:
         raise bad_request(f"n={n!r} is not supported; this server returns one choice per request (n=1)", "n")
