@@ -122,3 +122,36 @@ def test_ui_errors_say_what_to_fix(tmp_path):
         assert "loading" in ask("What is this?", str(MEDIA / "girl.jpg"))
     finally:
         service.close()
+
+
+def test_ui_image_output_draws_the_media_mix_with_unclip(seeing_demo):
+    """The official demo's "output: Image": the same picture as `image_embedding` + the pipeline, seed 0."""
+    pytest.importorskip("diffusers", reason="image output needs the images extra: pip install 'imagebind-llm[images]'")
+    import gradio as gr
+
+    from imagebind_llm.apps.unclip import UnCLIP, image_embedding, tiny_pipeline
+    from imagebind_llm.engine import Engine, Request
+    from imagebind_llm.serve.config import ServeConfig
+    from imagebind_llm.serve.service import Service
+    from imagebind_llm.serve.ui import _WIDGETS, imagine
+
+    engine = Engine(seeing_demo, max_batch=1, max_context=512)
+    service = Service(ServeConfig(), engine=engine)
+    names = list(_WIDGETS)
+    sources = [str(MEDIA / "girl.jpg") if name == "image" else None for name in names]
+    options = (10, 20, 0.5, 16, 0.1, 0.75)
+    try:
+        with pytest.raises(gr.Error, match="--unclip"):
+            imagine(service, names, "a painting", (*sources, *[1.0] * len(names), *options))
+        service.unclip = UnCLIP(tiny_pipeline(seeing_demo.config.feature_dim, seed=0))
+        service.unclip.generate = lambda embeds, prompt, **kw: UnCLIP.generate(
+            service.unclip, embeds, prompt, **kw, num_inference_steps=2, height=32, width=32)
+        picture = imagine(service, names, "a painting", (*sources, *[1.0] * len(names), *options))
+        request = Request.ask("", {"image": MEDIA / "girl.jpg"})
+        want = UnCLIP.generate(service.unclip, image_embedding(engine, request), "a painting", seed=0,
+                               num_inference_steps=2, height=32, width=32)[0]
+        assert np.array_equal(np.asarray(picture), np.asarray(want))
+        with pytest.raises(gr.Error, match="weight above 0"):
+            imagine(service, names, "a painting", (*sources, *[0.0] * len(names), *options))
+    finally:
+        service.close()

@@ -20,6 +20,7 @@ import numpy as np
 from fastapi import FastAPI
 from PIL import Image, ImageDraw
 
+from imagebind_llm.apps.unclip import image_embedding
 from imagebind_llm.engine import BlendOptions, EngineStopped, QueueFullError, Request
 from imagebind_llm.llm.generate import SamplingOptions
 from imagebind_llm.preprocess.points import parse_points, sniff_point_format
@@ -70,7 +71,10 @@ def build_ui(service: Service) -> gr.Blocks:
                             if name == "point":
                                 preview = gr.Image(label="3D preview", interactive=False, type="pil")
             with gr.Column(scale=3):
+                output = gr.Dropdown(["Text", "Image"], value="Text", label="Output type", elem_id="output-type",
+                                     info="Image: draw the mix of the media with Stable unCLIP (serve --unclip)")
                 chatbot = gr.Chatbot(label="Chat", elem_id="chatbot", height=440)
+                picture = gr.Image(label="Generated image", interactive=False, type="pil", visible=False)
                 question = gr.Textbox(label="Question", placeholder="Ask about the media…", elem_id="question")
                 with gr.Row():
                     send = gr.Button("Send", variant="primary", elem_id="send")
@@ -86,14 +90,20 @@ def build_ui(service: Service) -> gr.Blocks:
                         gr.Slider(0, 1, value=0.75, label="Top p", elem_id="top-p"),
                     ]
 
-        def respond(history: list[Message], text: str, *values: Any) -> Iterator[tuple[list[Message], str]]:
-            yield from chat(service, names, history, text, values)
+        def respond(kind: str, history: list[Message], text: str, *values: Any) -> Iterator[tuple[Any, ...]]:
+            if kind == "Image":
+                yield history, text, imagine(service, names, text, values)
+            else:
+                yield from ((*step, None) for step in chat(service, names, history, text, values))
 
-        event = dict(fn=respond, inputs=[chatbot, question, *media, *weights, *options], outputs=[chatbot, question],
+        event = dict(fn=respond, inputs=[output, chatbot, question, *media, *weights, *options],
+                     outputs=[chatbot, question, picture],
                      concurrency_limit=None)  # the engine batches the answers and bounds its own queue
         send.click(**event)
         question.submit(**event)
-        clear.click(lambda: ([], ""), outputs=[chatbot, question])
+        clear.click(lambda: ([], "", None), outputs=[chatbot, question, picture])
+        output.change(lambda kind: (gr.update(visible=kind == "Text"), gr.update(visible=kind == "Image")), output,
+                      [chatbot, picture])
         media[names.index("point")].change(lambda path: point_preview(service, path), media[names.index("point")],
                                            preview)
     return blocks
@@ -137,6 +147,25 @@ def chat(service: Service, names: list[str], history: list[Message], question: s
             handle.cancel()  # the page went away: free the row
     history[-1]["content"] = answer.strip() or "(empty answer)"
     yield history, ""
+
+
+def imagine(service: Service, names: list[str], prompt: str, values: tuple[Any, ...]) -> Image.Image:
+    """The official demo's image output: the media's pre-normalisation mix (the cache blend included) drawn by
+    Stable unCLIP with ``prompt``."""
+    if service.unclip is None:
+        raise gr.Error("This server does not make images: start it with --unclip (and the images extra).")
+    sources, weights, options = values[:len(names)], values[len(names):2 * len(names)], values[2 * len(names):]
+    given = [(name, source, float(weight)) for name, source, weight in zip(names, sources, weights) if source]
+    if not any(weight for _, _, weight in given):
+        raise gr.Error("Give at least one medium with a weight above 0 to draw.")
+    cache_size, cache_temperature, cache_weight = options[:3]
+    request = Request(messages=[{"role": "user", "content": [decode(service, *g) for g in given]}],
+                      blend=BlendOptions(int(cache_size), float(cache_temperature), float(cache_weight)))
+    try:
+        embeds = image_embedding(service.engine, request)
+        return service.unclip.generate(embeds, (prompt or "").strip(), seed=0)[0]
+    except (APIError, OSError, ValueError) as e:
+        raise gr.Error(getattr(e, "message", str(e))) from None
 
 
 def decode(service: Service, name: str, source: str, weight: float) -> Message:
