@@ -225,11 +225,8 @@ class _Answer:
                     yield chunk({"content": pending})
                 pending = piece
         except Exception as e:
-            error = e if isinstance(e, APIError) else APIError(500, f"generation failed ({type(e).__name__})",
-                                                               type="server_error", code="generation_failed")
-            log.warning("stream %s failed: %s", self.id, e)
-            yield event(error.body())
-            yield "data: [DONE]\n\n"
+            for line in self._error_events(e, event):
+                yield line
             return
         completion = self.handle.completion
         yield chunk({"content": pending or ""}, completion.finish_reason)
@@ -238,6 +235,13 @@ class _Answer:
                                      usage_=usage(self.prompt_tokens, len(completion.tokens))))
         yield "data: [DONE]\n\n"
 
+    def _error_events(self, error: Exception, event: Callable[[dict[str, Any]], str]) -> list[str]:
+        """A failure in the middle of a stream: an error event in OpenAI's shape, then the end of the stream."""
+        log.warning("stream %s failed: %s", self.id, error)
+        if not isinstance(error, APIError):
+            error = APIError(500, f"generation failed ({type(error).__name__})", type="server_error",
+                             code="generation_failed")
+        return [event(error.body()), "data: [DONE]\n\n"]
 
     async def _tool_call_events(self, event: Callable[[dict[str, Any]], str]) -> AsyncIterator[str]:
         """A generated call streamed as OpenAI streams one: the first chunk holds the call's index, id, type and
@@ -261,11 +265,8 @@ class _Answer:
                     yield chunk(arguments(text[head[1] + sent:-1]))
                     sent = len(text) - 1 - head[1]
         except Exception as e:
-            error = e if isinstance(e, APIError) else APIError(500, f"generation failed ({type(e).__name__})",
-                                                               type="server_error", code="generation_failed")
-            log.warning("stream %s failed: %s", self.id, e)
-            yield event(error.body())
-            yield "data: [DONE]\n\n"
+            for line in self._error_events(e, event):
+                yield line
             return
         completion = self.handle.completion
         message = tool_call_message(text)
