@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -15,7 +14,8 @@ import torch
 from imagebind_llm.apps.unclip import (DEFAULT_PIPELINE, POINT_SCALE, UnCLIP, _diffusers, image_embedding,
                                       resolve_pipeline)
 from imagebind_llm.engine import Request
-from imagebind_llm.engine.cli import _add_media_args, _blend, _loaded_media, add_model_args, build_engine, utf8_text
+from imagebind_llm.engine.cli import (add_media_args, add_model_args, blend_options, build_engine, loaded_media,
+                                      uses_demo, utf8_text)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -34,7 +34,7 @@ def add_imagine_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("prompt", nargs="?", default="", help="text prompt for the picture")
     p.add_argument("--out", default="out.png", help="output image file (PNG, JPEG, ... by extension)")
     add_model_args(p)
-    _add_media_args(p)
+    add_media_args(p)
     g = p.add_argument_group("image generation")
     g.add_argument("--unclip", default=DEFAULT_PIPELINE,
                    help="Stable unCLIP pipeline: a local diffusers folder or a Hugging Face repo id (downloaded into "
@@ -61,18 +61,15 @@ def run_imagine(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if not out.parent.is_dir():
         raise FileNotFoundError(f"--out {out}: the folder {out.parent} does not exist")
-    media, weights = _loaded_media(args)  # bad files fail before anything is loaded
+    media, weights = loaded_media(args)  # bad files fail before anything is loaded
     if not media:
         raise ValueError("no media: give at least one input (--image, --audio, --video, --text, --point, ...)")
     _diffusers()  # the extra and the pipeline before the model: the clear errors first
     source = resolve_pipeline(args.unclip, download=not args.no_download)
-    if not (args.name or args.model or args.adapter or args.weights):
-        if not args.imagebind:
-            print("note: no --imagebind/--name: the embedded demo's small random ImageBind gives meaningless "
-                  "embeddings; pass --imagebind imagebind_w3D.pth for real pictures", file=sys.stderr)
-        args.name = "demo"  # the encoder is what matters; the demo's LLM is small
+    uses_demo(args, None if args.imagebind else "no --imagebind/--name: the embedded demo's small random ImageBind "
+                    "gives meaningless embeddings; pass --imagebind imagebind_w3D.pth for real pictures")
     engine = build_engine(args, max_batch=1, background=False)
-    request = Request.ask(args.prompt, media, weights, blend=_blend(args))
+    request = Request.ask(args.prompt, media, weights, blend=blend_options(args))
     embeds = image_embedding(engine, request, point_scale=args.point_scale)
     on_gpu = torch.device(args.device).type != "cpu"
     dtype = _DTYPES[args.unclip_dtype or ("float16" if on_gpu else "float32")]

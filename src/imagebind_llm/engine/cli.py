@@ -38,7 +38,7 @@ def add_chat_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--template", choices=["model", "alpaca", "chatml", "llama2"],
                    help="prompt template (default: the model's own chat template, else alpaca)")
     p.add_argument("--system", help="system message")
-    _add_media_args(p)
+    add_media_args(p)
     _add_sampling_args(p, SamplingOptions(temperature=0.0, top_p=None))
     p.set_defaults(func=run_chat)
 
@@ -55,7 +55,7 @@ def add_ask_command(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("question")
     add_model_args(p)
-    _add_media_args(p)
+    add_media_args(p)
     _add_sampling_args(p, SamplingOptions())  # the official ImageBind-LLM defaults
     p.add_argument("--json-schema", metavar="FILE", help="answer with JSON valid against the JSON schema in FILE "
                                                          "(constrained decoding; needs imagebind-llm[structured])")
@@ -80,7 +80,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
 
 
-def _add_media_args(p: argparse.ArgumentParser) -> None:
+def add_media_args(p: argparse.ArgumentParser) -> None:
     media = p.add_argument_group("media (ImageBind-LLM)")
     for entry in MODALITIES.values():
         if entry.is_file:
@@ -129,10 +129,26 @@ def utf8_text(text: str, what: str) -> str:
     return text
 
 
-def _loaded_media(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, float]]:
+def loaded_media(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, float]]:
     """The media files loaded (bad files fail here, before any model is built) and their weights."""
     loaded = load_media(_media(args), parse_weights(args.weight), dtype=DTYPES[args.dtype])
     return {name: tensor for name, (tensor, _) in loaded.items()}, {name: w for name, (_, w) in loaded.items()}
+
+
+def uses_demo(args: argparse.Namespace, note: str | None = None) -> bool:
+    """When no model option is given, choose the embedded demo (it has an ImageBind encoder, so media work),
+    printing ``note`` on stderr; returns whether it did."""
+    if args.name or args.model or args.adapter or args.weights:
+        return False
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    args.name = "demo"
+    return True
+
+
+def default_template(args: argparse.Namespace) -> str | None:
+    """Alpaca (ImageBind-LLM's format) for ImageBind-LLM weights; else None: the model's own chat template."""
+    return "alpaca" if args.adapter or args.weights or args.name not in (None, "demo") else None
 
 
 def model_spec(args: argparse.Namespace) -> ModelSpec:
@@ -141,12 +157,10 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
         raise ValueError("media need ImageBind-LLM weights: add --adapter (official file) or --weights to --model")
     if args.adapter and args.weights:
         raise ValueError("give --adapter (an official file) or --weights (our folder), not both")
-    name = args.name
-    if name is None and not (args.model or args.adapter or args.weights) and (_media(args) or args.cache):
-        print("note: embedded demo model (untrained gates): media do not influence the answer until trained or "
-              "released weights are loaded (--model/--adapter, --weights or --name)", file=sys.stderr)
-        name = "demo"
-    return ModelSpec(name=name, llm=args.model, adapter=args.adapter or args.weights, imagebind=args.imagebind,
+    if _media(args) or getattr(args, "cache", None):
+        uses_demo(args, "embedded demo model (untrained gates): media do not influence the answer until trained or "
+                        "released weights are loaded (--model/--adapter, --weights or --name)")
+    return ModelSpec(name=args.name, llm=args.model, adapter=args.adapter or args.weights, imagebind=args.imagebind,
                      imagebind_config=args.imagebind_config, phase=args.phase, dtype=args.dtype, device=args.device)
 
 
@@ -174,7 +188,7 @@ def _sampling(args: argparse.Namespace) -> SamplingOptions:
                            top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
-def _blend(args: argparse.Namespace) -> BlendOptions:
+def blend_options(args: argparse.Namespace) -> BlendOptions:
     return BlendOptions(top_k=args.cache_top_k, temperature=args.cache_temperature, weight=args.cache_weight)
 
 
@@ -182,7 +196,7 @@ def run_ask(args: argparse.Namespace) -> int:
     if args.model and not (args.adapter or args.weights or args.name):
         raise ValueError("--model and --adapter go together (base LLM + official adapter file), or use --weights")
     utf8_text(args.question, "the question")
-    (media, weights), sampling, blend = _loaded_media(args), _sampling(args), _blend(args)
+    (media, weights), sampling, blend = loaded_media(args), _sampling(args), blend_options(args)
     constraint = _json_schema(args.json_schema) if args.json_schema else None
     engine = build_engine(args, max_batch=1, background=False,
                           template="alpaca" if args.adapter or args.weights or args.name else None)
@@ -211,7 +225,7 @@ def run_chat(args: argparse.Namespace) -> int:
     for text, what in ((args.prompt, "the prompt"), (args.system, "--system")):
         if text is not None:
             utf8_text(text, what)
-    (media, weights), sampling, blend = _loaded_media(args), _sampling(args), _blend(args)
+    (media, weights), sampling, blend = loaded_media(args), _sampling(args), blend_options(args)
     engine = build_engine(args, max_batch=1, background=False, template=args.template)
     session = ChatSession(engine, media or None, weights, system=args.system, blend=blend)
     if args.prompt is not None:

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from imagebind_llm.engine.cli import add_model_args, build_engine
+from imagebind_llm.engine.cli import add_model_args, build_engine, uses_demo
 from imagebind_llm.eval.mme import MME_HEADER, MODES, SUBTASKS, MMEOptions, load_mme, run_mme
 from imagebind_llm.eval.mme_score import score_dir
 from imagebind_llm.eval.report import format_table, load_compare, write_report
@@ -87,10 +87,8 @@ def run_mme_command(args: argparse.Namespace) -> int:
         print(f"note: no folder for subtasks {', '.join(missing)}: skipped", file=sys.stderr)
     if args.model and not (args.adapter or args.weights or args.name):
         raise ValueError("MME asks about images: add --adapter (official file) or --weights to --model")
-    if not (args.name or args.model or args.adapter or args.weights):
-        print("note: no model given: the embedded demo model (untrained gates: the answers ignore the images); "
-              "give --name, --model/--adapter or --weights for real scores", file=sys.stderr)
-        args.name = "demo"  # the questions are about images: the demo has an encoder
+    uses_demo(args, "no model given: the embedded demo model (untrained gates: the answers ignore the images); "
+                    "give --name, --model/--adapter or --weights for real scores")
     engine = build_engine(args, max_batch=args.batch, max_context=args.max_context, background=False,
                           template="alpaca")
     model = {field: getattr(args, field) for field in MODEL_FIELDS}

@@ -33,7 +33,7 @@ import soundfile as sf
 from PIL import Image
 
 from imagebind_llm.engine import Engine, Request
-from imagebind_llm.engine.cli import build_engine
+from imagebind_llm.engine.cli import build_engine, default_template, uses_demo
 from imagebind_llm.llm.generate import SamplingOptions
 
 from .zero_shot import SUFFIXES
@@ -119,13 +119,12 @@ class ImageBindLLMEval(_Base):
                  batch_size: int | str = 1, max_batch_size: int | None = None, engine: Engine | None = None) -> None:
         super().__init__()
         if engine is None:
-            if not (name or model or adapter or weights):
-                name = "demo"
             args = argparse.Namespace(name=name, model=model, adapter=adapter, weights=weights, imagebind=imagebind,
                                       imagebind_config=imagebind_config, phase=phase, dtype=dtype, device=device,
                                       cache=cache)
             rows = max_batch or ((max_batch_size or AUTO_BATCH) if batch_size == "auto" else int(batch_size))
-            template = template or ("alpaca" if adapter or weights or name != "demo" else None)
+            uses_demo(args)
+            template = template or default_template(args)
             engine = build_engine(args, max_batch=rows, max_context=max_context, template=template, background=False)
         self.engine = engine
 

@@ -17,7 +17,7 @@ import torch
 
 from imagebind_llm.encoders import load_official
 from imagebind_llm.engine import MODALITIES
-from imagebind_llm.engine.cli import add_model_args, build_engine, model_spec
+from imagebind_llm.engine.cli import add_model_args, build_engine, model_spec, uses_demo
 from imagebind_llm.hub import default_cache_dir, fetch
 
 from .zero_shot import (DEFAULT_TEMPLATES, RECALL_KS, EncoderEmbedder, FeatureCache, evaluate_classification,
@@ -76,8 +76,8 @@ def run_zero_shot(args: argparse.Namespace) -> int:
 
 def _embedder(args: argparse.Namespace) -> tuple[EncoderEmbedder, str]:
     """The encoder of the model options and its id for the feature cache (the model spec)."""
-    if not any(getattr(args, o) for o in _LLM_OPTIONS) and not args.imagebind:
-        args.name = "demo"
+    if not args.imagebind:
+        uses_demo(args)
     spec = model_spec(args)
     if args.imagebind and not any(getattr(args, o) for o in _LLM_OPTIONS):
         encoder = load_official(fetch(args.imagebind), args.imagebind_config, device=args.device,

@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from imagebind_llm.engine.cli import add_model_args, build_engine
+from imagebind_llm.engine.cli import add_model_args, build_engine, default_template, uses_demo
 from imagebind_llm.serve.config import MiB, MediaLimits, ServeConfig
 
 API_KEY_ENV = "IMAGEBIND_LLM_API_KEY"
@@ -80,9 +80,8 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.web and args.no_ui:
         raise ValueError("`web` serves the UI: drop --no-ui (or use `serve --no-ui` for the API alone)")
     config = serve_config(args)
-    if not (args.name or args.model or args.adapter or args.weights):
-        args.name = "demo"  # media need an encoder: the embedded demo model has one
-    template = args.template or ("alpaca" if args.adapter or args.weights or args.name != "demo" else None)
+    uses_demo(args)  # requests may carry media: the embedded demo has an encoder
+    template = args.template or default_template(args)
     options: dict[str, Any] = dict(max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
                                    template=template)
     service = Service(config, load=lambda: build_engine(args, **options))
