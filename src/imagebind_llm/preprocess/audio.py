@@ -98,7 +98,11 @@ class _PyAVReader(_AudioReader):
         with av.open(f, mode="r") as container:
             if not container.streams.audio:
                 raise MediaError(name, "has no audio stream; pass a file with an audio track")
-            self.sample_rate = container.streams.audio[0].codec_context.sample_rate
+            codec = container.streams.audio[0].codec_context
+            if codec is None or not codec.sample_rate:  # a corrupt header FFmpeg could not make a decoder for
+                raise MediaError(name, "its audio stream cannot be decoded (corrupt or unsupported); pass a wav, "
+                                       "flac, ogg, mp3 or m4a file")
+            self.sample_rate = codec.sample_rate
         self.num_samples = sum(frame.shape[1] for frame in self._frames())
 
     def _frames(self) -> Iterator[np.ndarray]:
