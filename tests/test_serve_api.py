@@ -179,7 +179,7 @@ def test_the_server_answers_503_while_the_model_loads(seeing_demo):
     service.close()
 
 
-@pytest.mark.parametrize("option", ["--max-batch 0", "--max-media-mb -1", "--port banana"])
+@pytest.mark.parametrize("option", ["--max-batch 0", "--max-media-mb -1", "--port banana", "--threads 0"])
 def test_serve_refuses_bad_options_in_one_line(option, capsys):
     from imagebind_llm.cli import main
 

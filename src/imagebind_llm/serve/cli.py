@@ -8,6 +8,8 @@ import os
 import sys
 from typing import Any
 
+import torch
+
 from imagebind_llm.engine.cli import add_model_args, build_engine, default_template, uses_demo
 from imagebind_llm.serve.config import MiB, MediaLimits, ServeConfig
 
@@ -33,6 +35,8 @@ def add_serve_commands(subparsers: argparse._SubParsersAction) -> None:
         g.add_argument("--model-id", default="imagebind-llm", help="the model name /v1/models reports")
         g.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
         g.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+        g.add_argument("--threads", type=int, help="torch threads (default: torch's; on a small CPU, one core fewer "
+                                                   "than it has leaves room for HTTP and media decoding)")
         g.add_argument("--max-context", type=int, help="tokens per request, prompt + answer (default: the model's, "
                                                        "at most 2048)")
         g.add_argument("--no-ui", action="store_true", help="serve the API only")
@@ -80,6 +84,10 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.web and args.no_ui:
         raise ValueError("`web` serves the UI: drop --no-ui (or use `serve --no-ui` for the API alone)")
     config = serve_config(args)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     uses_demo(args)  # requests may carry media: the embedded demo has an encoder
     template = args.template or default_template(args)
     options: dict[str, Any] = dict(max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
