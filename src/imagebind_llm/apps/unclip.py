@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from imagebind_llm.engine import MIX_EPS, Engine, Request, modality
+from imagebind_llm.engine import Engine, Request, modality, weighted_sum
 from imagebind_llm.hub import default_cache_dir
 
 DEFAULT_PIPELINE = "stabilityai/stable-diffusion-2-1-unclip"
@@ -72,32 +72,23 @@ def prenorm_mix(engine: Engine, request: Request, *, point_scale: float = POINT_
     if encoder is None:
         raise ValueError("this model has no ImageBind encoder, so it cannot turn media into images; build it with one "
                          "(--imagebind or --name)")
-    media = request.media()
+    media = request.media()  # all weights 0: refused here
     if media is None:
         if request.features is not None:
             raise ValueError("image generation needs the media themselves: precomputed features are the normalised "
                              "mix, not the embedding before normalisation that unCLIP takes")
         raise ValueError("no media: give at least one input (--image, --audio, --video, --text, --point, ...)")
-    weights = {name: w for name, (_, w) in media.items()}
-    if not any(weights.values()):
-        raise ValueError(f"all media weights are 0 ({', '.join(f'{n}=0' for n in weights)}); give at least one "
-                         "weight > 0")
-    total = sum(weights.values()) + MIX_EPS
-    mixed = None
+    embeddings = {}
     with engine.lock, torch.inference_mode():
-        for name, (x, weight) in media.items():
+        for name, (x, _) in media.items():
             tower = modality(name).tower
             try:
                 _, prenorm = encoder({tower: x}, return_prenorm=True)
             except TypeError:
                 raise ValueError(f"the model's encoder ({type(encoder).__name__}) cannot give embeddings before "
                                  "normalisation (return_prenorm)") from None
-            emb = prenorm[tower].float()
-            if tower == "point":
-                emb = emb / point_scale
-            term = (weight / total) * emb
-            mixed = term if mixed is None else mixed + term
-    return mixed
+            embeddings[name] = prenorm[tower].float() / (point_scale if tower == "point" else 1.0)
+    return weighted_sum(embeddings, {name: w for name, (_, w) in media.items()})
 
 
 def blend_prenorm(features: torch.Tensor, cache: Any, options: Any = None) -> torch.Tensor:

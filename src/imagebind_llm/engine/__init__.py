@@ -7,13 +7,13 @@ bounded queue, and log-likelihood scoring. The server, the evaluation and the ap
 """
 
 from imagebind_llm.cache.blend import BlendOptions
-from imagebind_llm.model.media import MIX_EPS, MODALITIES, UnknownModalityError, modality
+from imagebind_llm.model.media import MODALITIES, UnknownModalityError, modality, weighted_sum
 
 from .chat import ChatSession
 from .engine import Engine, EngineStopped, Handle, QueueFullError
 from .request import Request
 from .scoring import Score, loglikelihood, text_pairs
 
-# BlendOptions and the modality table are re-exported for the packages above the engine (serve, eval, apps).
-__all__ = ["MIX_EPS", "MODALITIES", "BlendOptions", "ChatSession", "Engine", "EngineStopped", "Handle", "QueueFullError", "Request",
-           "Score", "UnknownModalityError", "loglikelihood", "modality", "text_pairs"]
+# BlendOptions, the modality table and the official mix are re-exported for the packages above the engine (serve, eval, apps).
+__all__ = ["MODALITIES", "BlendOptions", "ChatSession", "Engine", "EngineStopped", "Handle", "QueueFullError",
+           "Request", "Score", "UnknownModalityError", "loglikelihood", "modality", "text_pairs", "weighted_sum"]

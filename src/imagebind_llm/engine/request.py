@@ -18,7 +18,7 @@ import torch
 from imagebind_llm.cache.blend import BlendOptions
 from imagebind_llm.llm.generate import SamplingOptions
 from imagebind_llm.llm.templates import Message
-from imagebind_llm.model.media import MediaInputs, check_weight, modality
+from imagebind_llm.model.media import MediaInputs, check_weight, check_weights, modality
 
 
 @dataclass
@@ -68,7 +68,7 @@ class Request:
         """The request's media as ``{modality: (tensor [1, ...], weight)}``, loading sources; None without media.
 
         Raises:
-            ValueError: an unknown part type, a modality given twice, or a bad weight.
+            ValueError: an unknown part type, a modality given twice, a bad weight, or all weights 0.
         """
         inputs: dict[str, tuple[torch.Tensor, float]] = {}
         for message in self.messages:
@@ -87,6 +87,7 @@ class Request:
                 tensor = source if torch.is_tensor(source) else entry.load([source])
                 tensor = tensor.to(dtype) if tensor.is_floating_point() else tensor
                 inputs[entry.name] = (tensor, check_weight(entry.name, part.get("weight", 1.0)))
+        check_weights({name: w for name, (_, w) in inputs.items()})  # all at 0: refused here, before encoding
         return inputs or None
 
 
