@@ -14,6 +14,7 @@ from .engine import Engine, EngineStopped, Handle, QueueFullError
 from .request import Request
 from .scoring import Score, loglikelihood, text_pairs
 
-# BlendOptions, the modality table and the official mix are re-exported for the packages above the engine (serve, eval, apps).
+# BlendOptions, the modality table and the official mix are re-exported for the packages above the engine
+# (serve, eval, apps).
 __all__ = ["MODALITIES", "BlendOptions", "ChatSession", "Engine", "EngineStopped", "Handle", "QueueFullError",
            "Request", "Score", "UnknownModalityError", "loglikelihood", "modality", "text_pairs", "weighted_sum"]

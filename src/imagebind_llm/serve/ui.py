@@ -115,8 +115,7 @@ def chat(service: Service, names: list[str], history: list[Message], question: s
     question = (question or "").strip()
     if not question:
         raise gr.Error("Type a question first.")
-    sources, weights, options = values[:len(names)], values[len(names):2 * len(names)], values[2 * len(names):]
-    given = [(name, source, float(weight)) for name, source, weight in zip(names, sources, weights) if source]
+    given, options = _split(names, values)
     if given and not any(weight for _, _, weight in given):
         raise gr.Error("Every given medium has weight 0: raise at least one weight slider.")
     parts = [decode(service, name, source, weight) for name, source, weight in given]
@@ -154,8 +153,7 @@ def imagine(service: Service, names: list[str], prompt: str, values: tuple[Any, 
     Stable unCLIP with ``prompt``."""
     if service.unclip is None:
         raise gr.Error("This server does not make images: start it with --unclip (and the images extra).")
-    sources, weights, options = values[:len(names)], values[len(names):2 * len(names)], values[2 * len(names):]
-    given = [(name, source, float(weight)) for name, source, weight in zip(names, sources, weights) if source]
+    given, options = _split(names, values)
     if not any(weight for _, _, weight in given):
         raise gr.Error("Give at least one medium with a weight above 0 to draw.")
     cache_size, cache_temperature, cache_weight = options[:3]
@@ -166,6 +164,13 @@ def imagine(service: Service, names: list[str], prompt: str, values: tuple[Any, 
         return service.unclip.generate(embeds, (prompt or "").strip(), seed=0)[0]
     except (APIError, OSError, ValueError) as e:
         raise gr.Error(getattr(e, "message", str(e))) from None
+
+
+def _split(names: list[str], values: tuple[Any, ...]) -> tuple[list[tuple[str, str, float]], tuple[Any, ...]]:
+    """The page's inputs (media widgets, their weights, the options) -> ((name, source, weight) of each given
+    medium, the options)."""
+    sources, weights, options = values[:len(names)], values[len(names):2 * len(names)], values[2 * len(names):]
+    return [(n, src, float(w)) for n, src, w in zip(names, sources, weights) if src], options
 
 
 def decode(service: Service, name: str, source: str, weight: float) -> Message:
