@@ -329,3 +329,8 @@ def test_cli_refuses_before_loading_the_model(capsys, argv, message):
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and err[0].startswith("imagebind-llm ask: error:"), err
     assert "Traceback" not in captured.err and not captured.out
+
+
+def test_numbers_too_large_for_a_float_are_refused_as_bad_values():
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingOptions(temperature=10 ** 400)

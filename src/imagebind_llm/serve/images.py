@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -28,7 +27,7 @@ from fastapi.responses import JSONResponse
 
 from imagebind_llm.apps.unclip import POINT_SCALE, PipelineMissingError, UnCLIP, image_embedding
 from imagebind_llm.engine import Request
-from imagebind_llm.serve.protocol import APIError, bad_request, parse_blend, parse_media_part, read_json, too_large
+from imagebind_llm.serve.protocol import APIError, bad_request, finite, parse_blend, parse_media_part, read_json, too_large
 from imagebind_llm.serve.service import Service
 
 MAX_IMAGES = 4
@@ -143,10 +142,7 @@ def _number(body: Mapping[str, Any], name: str, default: float, low: float, high
     value = body.get(name)
     if value is None:
         return default
-    try:
-        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    except OverflowError:
-        ok = False
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and finite(value)
     if not ok or not low <= value <= high:
         raise bad_request(f"'{name}' must be a number in [{low}, {high}], got {value!r}", name)
     return float(value)

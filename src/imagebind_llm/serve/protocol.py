@@ -99,7 +99,7 @@ MAX_STOP_STRINGS = 4
 SEED_RANGE = range(-(2 ** 63), 2 ** 64)  # what torch.Generator.manual_seed takes
 
 
-def _finite(value: float) -> bool:
+def finite(value: float) -> bool:
     """``math.isfinite``, False for integers too large for a float (a 400-digit JSON number)."""
     try:
         return math.isfinite(value)
@@ -192,7 +192,7 @@ def _parse_message(message: Any, param: str) -> tuple[str, list[MediaPart]]:
 def parse_media_part(part: Mapping[str, Any], where: str) -> MediaPart:
     kind = part.get("type")
     weight = part.get("weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (_finite(weight) and weight >= 0):
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (finite(weight) and weight >= 0):
         raise bad_request(f"'weight' must be a finite number >= 0, got {weight!r}", f"{where}.weight")
     if kind in _URL_PARTS:
         value = part.get(kind)
@@ -247,10 +247,10 @@ def _sampling(body: Mapping[str, Any]) -> SamplingOptions:
     elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise bad_request(f"'{param}' must be a whole number >= 1, got {max_tokens!r}", param)
     temperature = _optional(body, "temperature", (int, float), defaults.temperature)
-    if not (_finite(temperature) and 0 <= temperature <= 2):
+    if not (finite(temperature) and 0 <= temperature <= 2):
         raise bad_request(f"'temperature' must be in [0, 2], got {temperature!r}", "temperature")
     top_p = _optional(body, "top_p", (int, float), defaults.top_p)
-    if not (_finite(top_p) and 0 < top_p <= 1):
+    if not (finite(top_p) and 0 < top_p <= 1):
         raise bad_request(f"'top_p' must be in (0, 1], got {top_p!r}", "top_p")
     seed = _optional(body, "seed", int, None)
     if seed is not None and seed not in SEED_RANGE:
