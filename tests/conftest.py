@@ -10,6 +10,35 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers must never try the network in tests
 
+DEVICE_ENV = "IMAGEBIND_LLM_TEST_DEVICE"  # e.g. "cpu": run the `device`-marked tests there, with tiny shapes
+
+
+def device_under_test() -> tuple[torch.device | None, str]:
+    """``(device, "")`` for the `device`-marked tests: ``$IMAGEBIND_LLM_TEST_DEVICE``, else CUDA when present;
+    ``(None, reason)`` when they must skip."""
+    if os.environ.get(DEVICE_ENV):
+        return torch.device(os.environ[DEVICE_ENV]), ""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), ""
+    return None, f"needs a CUDA GPU: torch.cuda.is_available() is False ({DEVICE_ENV}=cpu runs it on the CPU)"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    device, reason = device_under_test()
+    if device is None:
+        for item in items:
+            if item.get_closest_marker("device"):
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def target_device() -> torch.device:
+    """Where a `device`-marked test runs (it is skipped when there is none)."""
+    device, reason = device_under_test()
+    if device is None:
+        pytest.skip(reason)
+    return device
+
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
