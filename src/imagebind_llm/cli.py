@@ -1,7 +1,8 @@
 """The ``imagebind-llm`` command line: a dispatcher only.
 
 Each package adds its own subcommands (``engine.cli``: ask, chat; ``model.cli``: merge-delta; ``hub.cli``:
-weights; ``cache.cli``; ``train.cli``; ``serve.cli``: serve, web; ``eval.cli``: eval; ``apps.cli``: imagine).
+weights; ``llm.weights.cli``: export-gguf; ``cache.cli``; ``train.cli``; ``serve.cli``: serve, web; ``eval.cli``: eval;
+``apps.cli``: imagine).
 Each is one ``add_*`` function in `SUBCOMMANDS`: it adds its parser and sets ``func`` (parsed arguments -> exit
 code). Errors a user can fix (missing files, unknown formats, mismatched weights, invalid options, a ``--device``
 this machine lacks, failed downloads) are printed as one line on stderr with exit code 1; ``--debug`` shows the
@@ -27,6 +28,7 @@ from imagebind_llm.engine.cli import add_ask_command, add_chat_command
 from imagebind_llm.eval.cli import add_eval_commands
 from imagebind_llm.hub import DownloadError
 from imagebind_llm.hub.cli import add_weights_command
+from imagebind_llm.llm.weights.cli import add_export_gguf_command
 from imagebind_llm.model.cli import add_merge_delta_command
 from imagebind_llm.serve.cli import add_serve_commands
 from imagebind_llm.train.cli import add_train_subcommands
@@ -42,8 +44,8 @@ USER_ERRORS = (OSError, ValueError, DownloadError)
 
 # One entry per subcommand (or group of subcommands).
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], object]] = [
-    add_chat_command, add_ask_command, add_merge_delta_command, add_weights_command, add_cache_subcommands,
-    add_train_subcommands, add_serve_commands, add_eval_commands, add_imagine_command,
+    add_chat_command, add_ask_command, add_merge_delta_command, add_weights_command, add_export_gguf_command,
+    add_cache_subcommands, add_train_subcommands, add_serve_commands, add_eval_commands, add_imagine_command,
 ]
 
 

@@ -18,6 +18,7 @@ from imagebind_llm.engine.engine import Engine
 from imagebind_llm.engine.request import Request
 from imagebind_llm.hub import MODELS
 from imagebind_llm.llm.generate import SamplingOptions
+from imagebind_llm.llm.weights import QUANT_TYPES
 from imagebind_llm.model.config import DTYPES, ModelSpec
 from imagebind_llm.model.factory import create_model
 from imagebind_llm.model.media import MODALITIES, load_media, parse_weights
@@ -78,6 +79,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--phase", choices=["finetune", "pretrain"], help="adapter structure (default: the adapter's)")
     g.add_argument("--dtype", choices=list(DTYPES), default="float32", help="parameter dtype")
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    g.add_argument("--quantize", choices=QUANT_TYPES, help="quantise the base LLM's projections, embedding and LM head "
+                                                           "while loading it (llama.cpp's Q8_0 / Q4_1 / Q4_K; "
+                                                           "float32 on the CPU)")
 
 
 def add_media_args(p: argparse.ArgumentParser) -> None:
@@ -161,7 +165,8 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
         uses_demo(args, "embedded demo model (untrained gates): media do not influence the answer until trained or "
                         "released weights are loaded (--model/--adapter, --weights or --name)")
     return ModelSpec(name=args.name, llm=args.model, adapter=args.adapter or args.weights, imagebind=args.imagebind,
-                     imagebind_config=args.imagebind_config, phase=args.phase, dtype=args.dtype, device=args.device)
+                     imagebind_config=args.imagebind_config, phase=args.phase, dtype=args.dtype, device=args.device,
+                     quantize=args.quantize)
 
 
 def build_engine(args: argparse.Namespace, **options: Any) -> Engine:

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from imagebind_llm.llm.weights.quantize import check_quantize
+
 PHASES = ("pretrain", "finetune")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # ModelSpec.dtype names
 
@@ -72,6 +74,9 @@ class ModelSpec:
         feature_dim: the ImageBind width when there is no encoder (default: the adapter file's, else 1024).
         dtype, device: where the model lives.
         quantized: keep a GGUF base's quantised projections in their blocks (None: when the kernel builds).
+        quantize: ``"q8"``, ``"q4_1"`` or ``"q4_k"``: quantise the base's embedding, LM head and projections while
+            loading them, as llama.cpp's Q8_0 / Q4_1 / Q4_K (a GGUF base's quantised tensors keep their types);
+            the adapter, bind network, norms and LoRA stay float. Needs float32 on the CPU.
         seed: seed of the random parts (the demo encoder, the bind network before an adapter is loaded).
     """
 
@@ -91,6 +96,7 @@ class ModelSpec:
     dtype: str = "float32"
     device: str = "cpu"
     quantized: bool | None = None
+    quantize: str | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -98,6 +104,7 @@ class ModelSpec:
             raise ValueError(f"phase must be one of {PHASES}, got {self.phase!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        check_quantize(self.quantize, DTYPES[self.dtype], self.device)
         for field in ("max_seq_len", "lora_rank"):
             if not (isinstance(getattr(self, field), int) and getattr(self, field) >= 1):
                 raise ValueError(f"{field} must be a whole number >= 1, got {getattr(self, field)!r}")

@@ -64,7 +64,7 @@ def create_model(spec: ModelSpec | str | None = "demo", **changes) -> ImageBindL
     dtype = DTYPES[spec.dtype]
     ours = _our_folder(spec.adapter)
     official = None if spec.adapter is None or ours is not None else read_adapter_file(fetch(spec.adapter))
-    loaded = load_llm(spec.llm, dtype=dtype, device=spec.device, quantized=spec.quantized)
+    loaded = load_llm(spec.llm, dtype=dtype, device=spec.device, quantized=spec.quantized, quantize=spec.quantize)
     loaded.model.config.max_seq_len = spec.max_seq_len
     torch.manual_seed(spec.seed)
     encoder = _encoder(spec, ours, dtype)

@@ -9,6 +9,10 @@ Formats, detected from the path alone:
   level up (Meta's ``llama_dir/7B/`` + ``llama_dir/tokenizer.model``).
 
 With no path, the embedded default model (SmolLM2-135M-Instruct, GGUF) is used.
+
+``load_llm(path, quantize="q8" | "q4_1" | "q4_k")`` quantises the token embedding, the LM head and the
+projections while reading them (`imagebind_llm.llm.weights.quantize`), into the blocks the CPU kernels multiply;
+`export_gguf` (``imagebind-llm export-gguf``) writes the same blocks into a GGUF file for llama.cpp.
 """
 
 from __future__ import annotations
@@ -22,19 +26,22 @@ import torch
 from ..config import LLMConfig
 from ..model import Transformer
 from ..tokenizer import GGUF_TOKENIZER_TYPES, BaseTokenizer, HFTokenizer, load_tokenizer
-from .common import CheckpointMismatchError, WeightsFormatError, build_model
+from .common import CheckpointMismatchError, SourceTensor, WeightsFormatError, build_model
 from .gguf import find_default_gguf, load_gguf
-from .hf import load_hf_state_dict
-from .meta import SHARD_GLOB, load_meta_state_dict
+from .hf import hf_tensors, load_hf_state_dict
+from .meta import SHARD_GLOB, load_meta_state_dict, meta_tensors
+from .quantize import QUANT_TYPES, QuantizeReport, block_type, check_quantize, quantized_weight
 
 __all__ = [
     "CheckpointMismatchError",
     "LoadedLLM",
+    "QUANT_TYPES",
     "WeightsFormatError",
     "detect_format",
     "load_hf_state_dict",
     "load_llm",
     "load_meta_state_dict",
+    "read_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -110,8 +117,31 @@ def _tokenizer_next_to(path: Path, kind: str | None) -> BaseTokenizer:
         ) from None
 
 
+def _check_vocabulary(tokenizer: BaseTokenizer, config: LLMConfig, path: Path) -> None:
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointMismatchError(
+            f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size} "
+            "embeddings; the tokenizer belongs to another model"
+        )
+
+
+def read_checkpoint(path: Path, fmt: str) -> tuple[BaseTokenizer, LLMConfig, list[SourceTensor]]:
+    """The tokenizer, config and (not yet read) tensors of a Meta or Hugging Face directory of format `fmt`.
+
+    The tokenizer comes first: a missing one fails before the weights are opened.
+
+    Raises:
+        FileNotFoundError, WeightsFormatError, CheckpointMismatchError: as `load_llm`.
+    """
+    tokenizer = load_tokenizer(path) if fmt == "hf" else _meta_tokenizer(path)
+    config, tensors = (hf_tensors if fmt == "hf" else meta_tensors)(path)
+    _check_vocabulary(tokenizer, config, path)
+    return tokenizer, config, tensors
+
+
 def load_llm(path: str | Path | None = None, *, dtype: torch.dtype = torch.float32,
-             device: torch.device | str = "cpu", quantized: bool | None = None) -> LoadedLLM:
+             device: torch.device | str = "cpu", quantized: bool | None = None,
+             quantize: str | None = None) -> LoadedLLM:
     """Load an LLM from `path` (any supported format) or the embedded default.
 
     Args:
@@ -120,30 +150,36 @@ def load_llm(path: str | Path | None = None, *, dtype: torch.dtype = torch.float
         device: where the parameters live.
         quantized: GGUF only: keep Q4_*, Q5_*, Q6_K and Q8_0 projections in their blocks (see `load_gguf`;
             None: when float32 on the CPU with the kernels available).
+        quantize: ``"q8"``, ``"q4_1"`` or ``"q4_k"``: quantise the token embedding, the LM head and the
+            projections tensor by tensor while reading them, bit-exactly as llama.cpp would (the other
+            tensors stay float32). A GGUF file's tensors that are quantised already keep their own types;
+            its float ones are quantised. Needs float32 on the CPU.
 
     Raises:
         FileNotFoundError: the path, a weight shard or the tokenizer is missing.
         WeightsFormatError: the path holds no supported format or an unsupported architecture.
         CheckpointMismatchError: the weights do not match the configuration stored with them.
-        ValueError: other invalid files (e.g. a corrupt GGUF).
+        ValueError: other invalid files (e.g. a corrupt GGUF), or `quantize` with another dtype or device.
     """
+    check_quantize(quantize, dtype, device)
     path = Path(path) if path is not None else find_default_gguf()
     fmt = detect_format(path)
     if fmt == "gguf":
-        model, metadata = load_gguf(path, dtype=dtype, device=device, quantized=quantized)
+        model, metadata = load_gguf(path, dtype=dtype, device=device, quantized=quantized, quantize=quantize)
         if metadata.get("tokenizer.ggml.model") in GGUF_TOKENIZER_TYPES:
             tokenizer: BaseTokenizer = HFTokenizer.from_gguf_metadata(metadata)
         else:  # a vocabulary type we do not rebuild: use the model's tokenizer file next to the GGUF
             tokenizer = _tokenizer_next_to(path, metadata.get("tokenizer.ggml.model"))
-    else:  # the tokenizer first: a missing one fails before the (slow) weights are read
-        tokenizer = load_tokenizer(path) if fmt == "hf" else _meta_tokenizer(path)
-        loader = load_hf_state_dict if fmt == "hf" else load_meta_state_dict
-        config, state = loader(path, dtype=dtype, device=device)
+        _check_vocabulary(tokenizer, model.config, path)
+    else:
+        tokenizer, config, tensors = read_checkpoint(path, fmt)
+        report = QuantizeReport(str(path))
+        state = {}
+        for tensor in tensors:  # one at a time: only the quantised blocks stay
+            qtype = block_type(tensor.key, tensor.shape, quantize) if quantize is not None else None
+            state[tensor.key] = (quantized_weight(tensor, qtype, report) if qtype is not None
+                                 else tensor.load(dtype, device))
+        report.log_summary()
         model = build_model(config, state, path)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise CheckpointMismatchError(
-            f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size} "
-            "embeddings; the tokenizer belongs to another model"
-        )
     logger.info("loaded %s model from %s (%d layers, dim %d)", fmt, path, model.config.n_layers, model.config.dim)
     return LoadedLLM(model=model, tokenizer=tokenizer, format=fmt, path=path)

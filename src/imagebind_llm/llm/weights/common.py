@@ -1,10 +1,12 @@
-"""Pieces shared by the weight converters: key mapping tables, shape checks, model assembly, errors."""
+"""Pieces shared by the weight converters: key mapping tables, lazily read tensors, shape checks, model assembly,
+errors."""
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ import torch
 
 from ..config import LLMConfig
 from ..model import Transformer
+from ..quantized import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 _FIX = "the weights and the config file do not belong together: use the config shipped with these weights"
@@ -23,6 +26,30 @@ class WeightsFormatError(ValueError):
 
 class CheckpointMismatchError(ValueError):
     """Tensors that do not match the model configuration (missing, unexpected or wrongly shaped)."""
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """One tensor of a checkpoint in our naming and layout, read when asked (from memory-mapped files).
+
+    Attributes:
+        key: our state-dict key.
+        shape: its shape in our layout.
+        read: ``read(start, stop)``: rows ``[start, stop)`` (of a 1-D tensor: elements) in the file's dtype, on the
+            CPU; for the whole tensor it may be a view of the mapped file.
+        row_multiple: row slices must start and stop at multiples of it (the rows of a Hugging Face q/k
+            projection are permuted within each head).
+    """
+
+    key: str
+    shape: tuple[int, ...]
+    read: Callable[[int, int], torch.Tensor]
+    row_multiple: int = 1
+
+    def load(self, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The whole tensor, floating-point ones cast to `dtype` (None: the file's)."""
+        value = self.read(0, self.shape[0])
+        return value.to(device=device, dtype=dtype if dtype is not None and value.is_floating_point() else value.dtype)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -85,30 +112,46 @@ def check_shape(key: str, shape: tuple[int, ...], expected: Mapping[str, tuple[i
         )
 
 
-def check_complete(state: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], source: str | Path) -> None:
-    """Raise `CheckpointMismatchError` naming the tensors the model needs and `state` lacks."""
-    missing = sorted(set(expected) - set(state))
+def check_complete(present: Iterable[str], expected: Mapping[str, tuple[int, ...]], source: str | Path) -> None:
+    """Raise `CheckpointMismatchError` naming the tensors the model needs and `present` (keys or a dict) lacks."""
+    missing = sorted(set(expected) - set(present))
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointMismatchError(f"{source}: missing tensors {missing[:5]}{more} ({_describe(expected)})")
 
 
-def build_model(config: LLMConfig, state: dict[str, torch.Tensor], source: str | Path) -> Transformer:
+def build_model(config: LLMConfig, state: Mapping[str, torch.Tensor | QuantizedWeight],
+                source: str | Path) -> Transformer:
     """A `Transformer` whose parameters are the tensors of `state` (assigned, not copied), in eval mode.
 
     The model is built on the meta device, so no random initialisation happens and no second copy of
-    the weights is made; dtype and device are those of the tensors in `state`.
+    the weights is made; dtype and device are those of the tensors in `state`. A `QuantizedWeight` value
+    makes its module a `QuantizedLinear` (or `QuantizedEmbedding`; with tied embeddings the LM head shares it).
 
     Raises:
         CheckpointMismatchError: `state` has missing, unexpected or wrongly shaped tensors.
     """
     expected = expected_shapes(config)
-    for key, tensor in state.items():
-        check_shape(key, tuple(tensor.shape), expected, source)
+    for key, value in state.items():
+        shape = (value.out_features, value.in_features) if isinstance(value, QuantizedWeight) else value.shape
+        check_shape(key, tuple(shape), expected, source)
     check_complete(state, expected, source)
     with torch.device("meta"):
         model = Transformer(config)
-    model.load_state_dict(state, assign=True, strict=True)
+    packed = {key: value for key, value in state.items() if isinstance(value, QuantizedWeight)}
+    for key, weight in packed.items():
+        name = key.removesuffix(".weight")
+        if name == "tok_embeddings":
+            model.tok_embeddings = QuantizedEmbedding(weight)
+            if config.tie_embeddings:
+                model.output = QuantizedLinear(weight)
+        else:
+            linear = model.get_submodule(name)
+            model.set_submodule(name, QuantizedLinear(weight, bias=None if linear.bias is None else linear.bias))
+    dense = {key: value for key, value in state.items() if key not in packed}
+    missing, unexpected = model.load_state_dict(dense, assign=True, strict=not packed)
+    quantized = {name for name, m in model.named_modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
+    assert not unexpected and all(k.split(".quantized.")[0] in quantized for k in missing), (missing, unexpected)
     return model.eval()
 
 

@@ -7,8 +7,9 @@ twice in memory.
 
 Quantised projections: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K weights of the linear layers
 (and the token embedding) can stay in their blocks as `QuantizedLinear` / `QuantizedEmbedding`
-modules, computed with the compiled CPU kernels; by default this happens for float32 models on the
-CPU when the kernels are available.
+modules, computed with the compiled CPU kernels (the conversions are in `.quantize`); by default this
+happens for float32 models on the CPU when the kernels are available. With ``quantize``, the file's float
+projections are quantised while they are read, as Meta and Hugging Face weights are.
 Other types (Q2_K, Q3_K, IQ*, ...) are always dequantised.
 
 Rotary layout: llama.cpp's converter stores Q/K of ``llama`` models in Meta's interleaved-pair layout,
@@ -30,9 +31,14 @@ import torch
 from ..config import LLMConfig
 from .. import kernels
 from ..model import Transformer
-from ..quantized import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
-from .common import CheckpointMismatchError, WeightsFormatError, check_complete, check_shape, expected_shapes, map_key
+from ..quantized import QuantizedWeight
+from .common import (
+    CheckpointMismatchError, SourceTensor, WeightsFormatError, build_model, check_shape, expected_shapes, map_key,
+)
 from .hf import _rotary_heads, hf_to_meta_rotary
+from .quantize import (
+    KEPT_TYPES, QuantizeReport, block_type, check_quantize, quantizable, quantized_weight, weight_from_blocks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +50,7 @@ SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 _ROTATE_HALF_ARCHITECTURES = ("qwen2",)
 
 # GGUF tensor name -> our state-dict key; "{}" is the layer index.
-_GGUF_TO_OURS = {
+GGUF_TO_OURS = {
     "token_embd.weight": "tok_embeddings.weight",
     "output_norm.weight": "norm.weight",
     "output.weight": "output.weight",
@@ -153,128 +159,23 @@ def _to_torch(tensor: Any, dtype: torch.dtype, device: torch.device | str) -> to
     return torch.from_numpy(array).to(device=device, dtype=dtype)
 
 
-# Conversions from GGUF blocks to `QuantizedWeight`s. Each takes the raw bytes ``[N, blocks, bytes]``
-# and keeps exactly the values the `gguf` package decodes: Q4_0 and Q5_0 store ``q - 8`` / ``q - 16``;
-# K-quant sub-block scales and minimums multiply into float32 exactly; 5-bit values and Q6_K's
-# ``q - 32`` fit int8. Layouts are llama.cpp's (ggml-common.h); float16 scales lead each block.
-
-
-def _f16(raw: np.ndarray) -> torch.Tensor:
-    """float32 from two little-endian float16 bytes in the last axis."""
-    return torch.from_numpy(np.ascontiguousarray(raw).view(np.float16)[..., 0].astype(np.float32))
-
-
-def _shifted(raw: np.ndarray, shifts: list[int], mask: int) -> np.ndarray:
-    """``(raw >> s) & mask`` for each shift, as a new axis before the last: ``[..., len(shifts), n]``."""
-    return (raw[..., None, :] >> np.array(shifts, dtype=raw.dtype)[:, None]) & mask
-
-
-def _rows(values: np.ndarray, n: int) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(values).reshape(n, -1))
-
-
-def _pack_nibbles(values: np.ndarray, n: int) -> torch.Tensor:
-    """4-bit values to our ``[N, K/2]`` bytes: byte j of a 32-block holds elements j (low) and j + 16 (high)."""
-    v = values.reshape(n, -1, 2, 16)
-    return _rows(v[:, :, 0] | (v[:, :, 1] << 4), n)
-
-
-def _k_scales(raw: np.ndarray, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q4_K / Q5_K: per-32 scales ``d * sc`` and offsets ``-dmin * m`` from d, dmin and 12 bytes of 6-bit pairs."""
-    sub_scales, sub_mins = (torch.from_numpy(a.astype(np.float32)).view(n, -1, 8)
-                            for a in gguf.quants.Q4_K.get_scale_min(raw[..., 4:16].reshape(-1, 12)))
-    return ((_f16(raw[..., 0:2])[..., None] * sub_scales).view(n, -1),
-            (-(_f16(raw[..., 2:4])[..., None] * sub_mins)).view(n, -1))
-
-
-def _k_nibbles(runs: np.ndarray) -> np.ndarray:
-    """K-quant low nibbles: each 32-byte run holds sub-block 2c (low nibbles) then 2c + 1 (high)."""
-    return _shifted(runs.reshape(*runs.shape[:-1], -1, 32), [0, 4], 0x0F)
-
-
-def _q8_0(raw: np.ndarray, n: int) -> QuantizedWeight:  # d, 32 int8
-    return QuantizedWeight("q8", _rows(raw[..., 2:], n).view(torch.int8), _f16(raw[..., 0:2]))
-
-
-def _q4_0(raw: np.ndarray, n: int) -> QuantizedWeight:  # d, 16 bytes of nibbles (q - 8)
-    scales = _f16(raw[..., 0:2])
-    return QuantizedWeight("q4_1", _rows(raw[..., 2:], n), scales, -8 * scales)
-
-
-def _q4_1(raw: np.ndarray, n: int) -> QuantizedWeight:  # d, m, 16 bytes of nibbles
-    return QuantizedWeight("q4_1", _rows(raw[..., 4:], n), _f16(raw[..., 0:2]), _f16(raw[..., 2:4]))
-
-
-def _q5_values(raw: np.ndarray, n: int, start: int) -> np.ndarray:
-    """Q5_0 / Q5_1 values 0..31: a little-endian uint32 of high bits at ``start``, then 16 nibble bytes."""
-    high = _shifted(np.ascontiguousarray(raw[..., start:start + 4]).view("<u4"), list(range(32)), 1)[..., 0]
-    low = _shifted(raw[..., start + 4:], [0, 4], 0x0F)  # elements 0-15 low nibbles, 16-31 high
-    return (low.reshape(*high.shape) | (high.astype(np.uint8) << 4)).astype(np.int8).reshape(n, -1)
-
-
-def _q5_0(raw: np.ndarray, n: int) -> QuantizedWeight:
-    return QuantizedWeight("q8", torch.from_numpy(_q5_values(raw, n, 2) - np.int8(16)), _f16(raw[..., 0:2]))
-
-
-def _q5_1(raw: np.ndarray, n: int) -> QuantizedWeight:
-    return QuantizedWeight("q8", torch.from_numpy(_q5_values(raw, n, 4)), _f16(raw[..., 0:2]), _f16(raw[..., 2:4]))
-
-
-def _q4_k(raw: np.ndarray, n: int) -> QuantizedWeight:  # d, dmin, 12 scale bytes, 128 nibble bytes
-    return QuantizedWeight("q4_1", _pack_nibbles(_k_nibbles(raw[..., 16:]), n), *_k_scales(raw, n))
-
-
-def _q5_k(raw: np.ndarray, n: int) -> QuantizedWeight:  # d, dmin, 12 scale bytes, 32 high-bit bytes, 128 nibbles
-    high = _shifted(raw[..., 16:48], list(range(8)), 1)  # bit j of every byte: sub-block j
-    values = _k_nibbles(raw[..., 48:]).reshape(*high.shape) | (high << 4)
-    return QuantizedWeight("q8", _rows(values.astype(np.int8), n), *_k_scales(raw, n))
-
-
-def _q6_k(raw: np.ndarray, n: int) -> QuantizedWeight:  # 128 low-nibble bytes, 64 high-2-bit bytes, 16 int8 scales, d
-    low = _shifted(raw[..., :128].reshape(n, -1, 2, 64), [0, 4], 0x0F)  # [n, blocks, 2, 2, 64]
-    high = _shifted(raw[..., 128:192].reshape(n, -1, 2, 32), [0, 2, 4, 6], 0x03)  # [n, blocks, 2, 4, 32]
-    values = (low.reshape(n, -1, 256) | (high.reshape(n, -1, 256) << 4)).astype(np.int8) - np.int8(32)
-    sub_scales = torch.from_numpy(np.ascontiguousarray(raw[..., 192:208]).view(np.int8).astype(np.float32))
-    return QuantizedWeight("q8", _rows(values, n), (_f16(raw[..., 208:210])[..., None] * sub_scales).view(n, -1))
-
-
-# GGUF type -> (values per block, bytes per block, conversion).
-_KEPT_TYPES = {"Q4_0": (32, 18, _q4_0), "Q4_1": (32, 20, _q4_1), "Q5_0": (32, 22, _q5_0), "Q5_1": (32, 24, _q5_1),
-               "Q8_0": (32, 34, _q8_0), "Q4_K": (256, 144, _q4_k), "Q5_K": (256, 176, _q5_k),
-               "Q6_K": (256, 210, _q6_k)}
+_FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
 def _quantized_weight(tensor: Any, shape: tuple[int, int]) -> QuantizedWeight:
-    """The blocks of a GGUF tensor ``[N, K]`` of one of `_KEPT_TYPES` as a `QuantizedWeight`."""
-    per_block, size, convert = _KEPT_TYPES[tensor.tensor_type.name]
-    raw = np.asarray(tensor.data).view(np.uint8).reshape(shape[0], shape[1] // per_block, size)
-    return convert(raw, shape[0])
+    """The blocks of a GGUF tensor ``[N, K]`` of one of `KEPT_TYPES` as a `QuantizedWeight`."""
+    return weight_from_blocks(tensor.tensor_type.name, np.asarray(tensor.data), shape[0])
 
 
-def _install_quantized(model: Transformer, packed: dict[str, QuantizedWeight]) -> None:
-    """Swap the modules whose weights are in `packed` for quantised ones (the tied LM head shares the embedding's)."""
-    for key, weight in packed.items():
-        name = key.removesuffix(".weight")
-        if name == "tok_embeddings":
-            model.tok_embeddings = QuantizedEmbedding(weight)
-            if model.config.tie_embeddings:
-                model.output = QuantizedLinear(weight)
-        else:
-            linear = model.get_submodule(name)
-            model.set_submodule(name, QuantizedLinear(weight, bias=None if linear.bias is None else linear.bias))
-
-
-def _quantized_modules(model: Transformer) -> set[str]:
-    return {name for name, m in model.named_modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
-
-
-def _keeps_quantized(key: str, tensor: Any) -> bool:
-    return tensor.tensor_type.name in _KEPT_TYPES and (
-        key == "tok_embeddings.weight" or (key.endswith(".weight") and "norm" not in key))
+def _source(key: str, tensor: Any, shape: tuple[int, ...]) -> SourceTensor:
+    """A float (F32 / F16 / BF16) GGUF tensor's rows, read from the mapped file as they are asked for."""
+    def read(a: int, b: int) -> torch.Tensor:
+        return torch.from_numpy(gguf.quants.dequantize(tensor.data[a:b], tensor.tensor_type))
+    return SourceTensor(key, shape, read)
 
 
 def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-              quantized: bool | None = None) -> tuple[Transformer, dict[str, Any]]:
+              quantized: bool | None = None, quantize: str | None = None) -> tuple[Transformer, dict[str, Any]]:
     """Build a `Transformer` from a GGUF file.
 
     Args:
@@ -284,7 +185,10 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, device: t
         quantized: keep Q4_*, Q5_*, Q6_K and Q8_0 projection weights in their blocks (`QuantizedLinear`),
             computed by the compiled kernels: the same weights, several times less memory read per
             token. None (default): when ``dtype`` is float32, ``device`` the CPU and
-            `kernels.available()`; False: dequantise everything to ``dtype``.
+            `kernels.available()` (or `quantize` is given); False: dequantise everything to ``dtype``.
+        quantize: also quantise the F32 / F16 / BF16 projections and embedding (``"q8"``, ``"q4_1"`` or
+            ``"q4_k"``, see `imagebind_llm.llm.weights.quantize`); tensors the file already quantises keep
+            their own types. Needs float32 on the CPU.
 
     Returns:
         ``(model, metadata)``: the model in eval mode, and the raw GGUF key/value metadata (tokenizer
@@ -295,42 +199,44 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, device: t
         WeightsFormatError: not a GGUF file, or an unsupported architecture.
         CheckpointMismatchError: tensors that are missing, unexpected, or whose shape does not match the
             configuration in the file's metadata (the message names the tensor and both shapes).
+        ValueError: `quantize` with ``quantized=False``, another dtype or device, or an unknown type.
     """
+    check_quantize(quantize, dtype, device)
+    if quantize is not None and quantized is False:
+        raise ValueError(f"quantize={quantize!r} keeps weights in blocks: it cannot be combined with quantized=False")
     path = Path(path)
     reader = _open(path)
     md = _metadata(reader)
     config = _config_from_metadata(md, {t.name for t in reader.tensors}, path)
     expected = expected_shapes(config)
     if quantized is None:
-        quantized = dtype == torch.float32 and torch.device(device).type == "cpu" and kernels.available()
-    state: dict[str, torch.Tensor] = {}
-    packed: dict[str, QuantizedWeight] = {}
-    for tensor in reader.tensors:  # one tensor at a time: checked, dequantised, cast, placed
+        quantized = quantize is not None or (
+            dtype == torch.float32 and torch.device(device).type == "cpu" and kernels.available())
+    report = QuantizeReport(path.name)
+    state: dict[str, torch.Tensor | QuantizedWeight] = {}
+    for tensor in reader.tensors:  # one tensor at a time: checked, dequantised or quantised, cast, placed
         source = f"{path} (GGUF tensor {tensor.name!r})"
-        key = map_key(tensor.name, _GGUF_TO_OURS)
+        key = map_key(tensor.name, GGUF_TO_OURS)
         if key is None:
             raise CheckpointMismatchError(f"{source}: not a tensor of a {md.get('general.architecture')} decoder")
         shape = tuple(reversed([int(d) for d in tensor.shape]))
         check_shape(key, shape, expected, source)
         heads = _rotary_heads(key, config) if md["general.architecture"] in _ROTATE_HALF_ARCHITECTURES else None
-        if quantized and _keeps_quantized(key, tensor):
+        kind = tensor.tensor_type.name
+        if quantized and quantizable(key) and kind in KEPT_TYPES:
             weight = _quantized_weight(tensor, shape)
-            if heads:  # the rotary permutation moves whole rows: apply it to every per-row buffer
-                for name, buffer in weight.named_buffers():
-                    buffer.copy_(hf_to_meta_rotary(buffer, heads))
-            packed[key] = weight.to(device)
-            state[key] = torch.empty(0)  # placeholder for the completeness check
+        elif quantize is not None and kind in _FLOAT_TYPES and (qtype := block_type(key, shape, quantize)):
+            weight = quantized_weight(_source(key, tensor, shape), qtype, report)
+        else:
+            value = _to_torch(tensor, dtype, device)
+            state[key] = hf_to_meta_rotary(value, heads) if heads else value
             continue
-        value = _to_torch(tensor, dtype, device)
-        state[key] = hf_to_meta_rotary(value, heads) if heads else value
-    check_complete(state, expected, path)
-    with torch.device("meta"):
-        model = Transformer(config)
-    _install_quantized(model, packed)
-    dense = {key: value for key, value in state.items() if key not in packed}
-    missing, unexpected = model.load_state_dict(dense, assign=True, strict=not packed)
-    quantized_names = _quantized_modules(model)
-    assert not unexpected and all(k.split(".quantized.")[0] in quantized_names for k in missing), (missing, unexpected)
+        if heads:  # the rotary permutation moves whole rows: apply it to every per-row buffer
+            for buffer in weight.buffers():
+                buffer.copy_(hf_to_meta_rotary(buffer, heads))
+        state[key] = weight.to(device)
+    report.log_summary()
+    model = build_model(config, state, path)
     log.info("loaded %s: %d layers, dim %d, vocab %d, %s on %s", path.name, config.n_layers, config.dim,
              config.vocab_size, dtype, device)
-    return model.eval(), md
+    return model, md

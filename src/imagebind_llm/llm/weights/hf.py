@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from ..config import LLMConfig, RopeScaling
 from .common import (
     CheckpointMismatchError,
+    SourceTensor,
     WeightsFormatError,
     check_complete,
     check_shape,
@@ -208,31 +209,26 @@ def safetensors_files(path: str | Path) -> list[Path]:
     return files
 
 
-def _iter_hf_tensors(files: list[Path]) -> Iterator[tuple[str, Any, Path]]:
-    for file in files:
-        try:
-            f = safe_open(str(file), framework="pt", device="cpu")
-        except SafetensorError as e:
-            raise WeightsFormatError(f"{file} is not a readable safetensors file ({e})") from e
-        with f:
-            for name in f.keys():
-                yield name, f, file
+def _open_safetensors(file: Path) -> Any:
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except SafetensorError as e:
+        raise WeightsFormatError(f"{file} is not a readable safetensors file ({e})") from e
 
 
-def load_hf_state_dict(path: str | Path, *, dtype: torch.dtype = torch.float32,
-                       device: torch.device | str = "cpu") -> tuple[LLMConfig, dict[str, torch.Tensor]]:
-    """Read a Hugging Face model directory into our config and state-dict naming.
+def _reader(handle: Any, name: str, rows: int, heads: int | None) -> Callable[[int, int], torch.Tensor]:
+    """Rows ``[a, b)`` of tensor `name`, q/k rows permuted to our rotary layout (whole heads: see `SourceTensor`)."""
+    def read(a: int, b: int) -> torch.Tensor:
+        tensor = handle.get_tensor(name) if (a, b) == (0, rows) else handle.get_slice(name)[a:b]
+        return hf_to_meta_rotary(tensor, heads * (b - a) // rows) if heads is not None else tensor
+    return read
 
-    Tensors are read one at a time, checked against the config's shapes before they are read,
-    permuted (q/k) and cast to `dtype` on `device`; the result is the only copy in memory.
 
-    Args:
-        path: directory with ``config.json`` and ``*.safetensors``.
-        dtype: floating-point dtype of the returned tensors.
-        device: device of the returned tensors.
+def hf_tensors(path: str | Path) -> tuple[LLMConfig, list[SourceTensor]]:
+    """The config and tensors of a Hugging Face model directory (``config.json`` + ``*.safetensors``).
 
-    Returns:
-        ``(config, state_dict)`` in our key naming (no ``output.weight`` when embeddings are tied).
+    The files are memory-mapped and every tensor's name and shape checked; no tensor data is read until a
+    `SourceTensor` is. q/k projections (weights and biases) come in our rotary layout (`hf_to_meta_rotary`).
 
     Raises:
         FileNotFoundError: missing ``config.json`` or weights.
@@ -244,22 +240,45 @@ def load_hf_state_dict(path: str | Path, *, dtype: torch.dtype = torch.float32,
         raise FileNotFoundError(f"{path} has no config.json")
     config = config_from_hf(read_json(path / "config.json"), path / "config.json")
     expected = expected_shapes(config)
-    state: dict[str, torch.Tensor] = {}
-    for name, f, file in _iter_hf_tensors(safetensors_files(path)):
-        if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and config.tie_embeddings):
-            logger.debug("%s: ignoring %s", file, name)
-            continue
-        key = map_key(name, HF_TO_OURS)
-        if key is None:
-            raise CheckpointMismatchError(f"{file}: tensor {name!r} is not a LLaMA-family decoder tensor")
-        check_shape(key, tuple(f.get_slice(name).get_shape()), expected, f"{file} ({name})")
-        tensor = f.get_tensor(name)
-        heads = _rotary_heads(key, config)
-        if heads is not None:
-            tensor = hf_to_meta_rotary(tensor, heads)
-        state[key] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
-    check_complete(state, expected, path)
-    return config, state
+    tensors = []
+    for file in safetensors_files(path):
+        handle = _open_safetensors(file)
+        for name in handle.keys():
+            if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and config.tie_embeddings):
+                logger.debug("%s: ignoring %s", file, name)
+                continue
+            key = map_key(name, HF_TO_OURS)
+            if key is None:
+                raise CheckpointMismatchError(f"{file}: tensor {name!r} is not a LLaMA-family decoder tensor")
+            shape = tuple(handle.get_slice(name).get_shape())
+            check_shape(key, shape, expected, f"{file} ({name})")
+            heads = _rotary_heads(key, config)
+            tensors.append(SourceTensor(key, shape, _reader(handle, name, shape[0], heads),
+                                        row_multiple=shape[0] // heads if heads else 1))
+    check_complete([t.key for t in tensors], expected, path)
+    return config, tensors
+
+
+def load_hf_state_dict(path: str | Path, *, dtype: torch.dtype = torch.float32,
+                       device: torch.device | str = "cpu") -> tuple[LLMConfig, dict[str, torch.Tensor]]:
+    """Read a Hugging Face model directory into our config and state-dict naming.
+
+    Tensors are read one at a time (`hf_tensors`), permuted (q/k) and cast to `dtype` on `device`; the result
+    is the only copy in memory.
+
+    Args:
+        path: directory with ``config.json`` and ``*.safetensors``.
+        dtype: floating-point dtype of the returned tensors.
+        device: device of the returned tensors.
+
+    Returns:
+        ``(config, state_dict)`` in our key naming (no ``output.weight`` when embeddings are tied).
+
+    Raises:
+        FileNotFoundError, WeightsFormatError, CheckpointMismatchError: as `hf_tensors`.
+    """
+    config, tensors = hf_tensors(path)
+    return config, {t.key: t.load(dtype, device) for t in tensors}
 
 
 def to_hf_state_dict(state: Mapping[str, torch.Tensor], config: LLMConfig) -> dict[str, torch.Tensor]:

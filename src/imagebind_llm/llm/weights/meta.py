@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from imagebind_llm.hub import StateDictError, read_state_dict
 
 from ..config import LLMConfig
 from .common import (
-    CheckpointMismatchError, WeightsFormatError, check_complete, check_shape, expected_shapes, read_json,
+    CheckpointMismatchError, SourceTensor, WeightsFormatError, check_complete, check_shape, expected_shapes, read_json,
 )
 
 logger = logging.getLogger(__name__)
@@ -102,15 +102,22 @@ def config_from_params(params: Mapping[str, Any], vocab_size: int, path: str | P
     return LLMConfig(**kwargs)
 
 
-def _merge(key: str, parts: list[torch.Tensor], source: Path) -> torch.Tensor:
+def _reader(key: str, parts: list[torch.Tensor],
+            source: Path) -> tuple[tuple[int, ...], Callable[[int, int], torch.Tensor]]:
+    """The merged shape of one tensor's per-shard `parts`, and a reader of its rows (see `SourceTensor`)."""
     if len(parts) == 1:
-        return parts[0]
+        return tuple(parts[0].shape), lambda a, b: parts[0][a:b]
     axis = shard_axis(key)
     if axis is None:
         if any(p.shape != parts[0].shape for p in parts):
             raise CheckpointMismatchError(f"{source}: replicated tensor {key!r} differs in shape across shards")
-        return parts[0]
-    return torch.cat(parts, dim=axis)
+        return tuple(parts[0].shape), lambda a, b: parts[0][a:b]
+    shape = list(parts[0].shape)
+    shape[axis] = sum(p.shape[axis] for p in parts)
+    if axis == 1:  # every shard holds some columns of every row
+        return tuple(shape), lambda a, b: torch.cat([p[a:b] for p in parts], dim=1)
+    starts = [sum(len(p) for p in parts[:i]) for i in range(len(parts))]
+    return tuple(shape), lambda a, b: torch.cat([p[max(a - s, 0):max(b - s, 0)] for p, s in zip(parts, starts)])
 
 
 def _load_shard(file: Path) -> dict[str, torch.Tensor]:
@@ -120,21 +127,11 @@ def _load_shard(file: Path) -> dict[str, torch.Tensor]:
         raise WeightsFormatError(f"{e}; re-save it with torch.save(state_dict, path)") from e
 
 
-def load_meta_state_dict(path: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                         max_seq_len: int | None = None) -> tuple[LLMConfig, dict[str, torch.Tensor]]:
-    """Read a Meta checkpoint directory (``params.json`` + ``consolidated.NN.pth``) into our config and state dict.
+def meta_tensors(path: str | Path, max_seq_len: int | None = None) -> tuple[LLMConfig, list[SourceTensor]]:
+    """The config and tensors of a Meta checkpoint directory (``params.json`` + ``consolidated.NN.pth``).
 
-    Shards are memory-mapped (``torch.load(mmap=True, weights_only=True)``); tensors are merged and cast
-    one at a time, so the result is the only full copy (none at all when the file's dtype is `dtype`
-    on CPU: the tensors then stay memory-mapped).
-
-    Args:
-        path: the directory (e.g. ``llama_dir/7B``).
-        dtype, device: of the returned floating-point tensors.
-        max_seq_len: context length of the returned config, see `config_from_params`.
-
-    Returns:
-        ``(config, state_dict)`` in our naming.
+    Shards are memory-mapped (``torch.load(mmap=True, weights_only=True)``) and every tensor's shape is checked;
+    no tensor data is read until a `SourceTensor` is.
 
     Raises:
         FileNotFoundError: missing ``params.json`` or shards.
@@ -152,7 +149,7 @@ def load_meta_state_dict(path: str | Path, *, dtype: torch.dtype = torch.float32
         raise CheckpointMismatchError(f"{files[0]}: no 'tok_embeddings.weight'; not a Meta LLaMA checkpoint")
     config = config_from_params(params, shards[0]["tok_embeddings.weight"].shape[0], params_file, max_seq_len)
     expected = expected_shapes(config)
-    state: dict[str, torch.Tensor] = {}
+    tensors = []
     for key in shards[0]:
         if _IGNORED.match(key):
             logger.debug("%s: ignoring %s", files[0], key)
@@ -160,11 +157,33 @@ def load_meta_state_dict(path: str | Path, *, dtype: torch.dtype = torch.float32
         missing_in = [str(f) for f, s in zip(files, shards) if key not in s]
         if missing_in:
             raise CheckpointMismatchError(f"tensor {key!r} of {files[0]} is missing from {missing_in}")
-        tensor = _merge(key, [s[key] for s in shards], files[0])
-        check_shape(key, tuple(tensor.shape), expected, files[0] if len(files) == 1 else path)
-        state[key] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
-    check_complete(state, expected, path)
-    return config, state
+        shape, read = _reader(key, [s[key] for s in shards], files[0])
+        check_shape(key, shape, expected, files[0] if len(files) == 1 else path)
+        tensors.append(SourceTensor(key, shape, read))
+    check_complete([t.key for t in tensors], expected, path)
+    return config, tensors
+
+
+def load_meta_state_dict(path: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                         max_seq_len: int | None = None) -> tuple[LLMConfig, dict[str, torch.Tensor]]:
+    """Read a Meta checkpoint directory (``params.json`` + ``consolidated.NN.pth``) into our config and state dict.
+
+    Shards are memory-mapped; tensors are merged and cast one at a time (`meta_tensors`), so the result is the
+    only full copy (none at all when the file's dtype is `dtype` on CPU: the tensors then stay memory-mapped).
+
+    Args:
+        path: the directory (e.g. ``llama_dir/7B``).
+        dtype, device: of the returned floating-point tensors.
+        max_seq_len: context length of the returned config, see `config_from_params`.
+
+    Returns:
+        ``(config, state_dict)`` in our naming.
+
+    Raises:
+        FileNotFoundError, WeightsFormatError, CheckpointMismatchError: as `meta_tensors`.
+    """
+    config, tensors = meta_tensors(path, max_seq_len)
+    return config, {t.key: t.load(dtype, device) for t in tensors}
 
 
 def params_dict(config: LLMConfig) -> dict[str, Any]:
