@@ -42,7 +42,7 @@ _QWEN2_SPLIT = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _GGUF_SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}
-_GGUF_PRE_TYPES = ("default", "gpt2", "smollm", *_GGUF_SPLITS)
+_GGUF_PRE_TYPES = ("default", "gpt2", "gpt-2", "smollm", *_GGUF_SPLITS)  # llama.cpp writes "gpt-2"
 GGUF_TOKENIZER_TYPES = ("gpt2", "llama")  # `tokenizer.ggml.model` values we rebuild
 
 # GGUF `tokenizer.ggml.token_type` values.

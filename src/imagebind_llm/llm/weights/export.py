@@ -45,9 +45,9 @@ _FILE_TYPES = {"q4_1": gguf.LlamaFileType.MOSTLY_Q4_1, "q8_0": gguf.LlamaFileTyp
                "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_S, "f16": gguf.LlamaFileType.MOSTLY_F16}
 _OURS_TO_GGUF = invert(GGUF_TO_OURS)
 T = gguf.TokenType
-# Byte-level pre-tokenizers that llama.cpp and our GGUF tokenizer both implement (llama.cpp calls GPT-2's own
-# "gpt-2", a name we do not read), tried in turn on `_PROBE` against the tokenizer.json.
-_BPE_PRE_TYPES = ("llama-bpe", "qwen2", "smollm")
+# Byte-level pre-tokenizers that llama.cpp and our GGUF tokenizer both implement, tried in turn on `_PROBE`
+# against the tokenizer.json.
+_BPE_PRE_TYPES = ("llama-bpe", "qwen2", "smollm", "gpt-2")
 _PROBE = ("Hello world! It's 2024, isn't it?\n\n  3.14159 ... 1234567 \t\tÅÆ 🚀 你好 ```\"\"\" ......!!!???\n"
           "I've been 'told he's there, 'RE you sure? 'We'Ve a'lL 11 222 3333 44444 x=1+2 ÉCOLE niño")
 
