@@ -102,8 +102,8 @@ class ImageBindLLMEval(_Base):
     """ImageBind-LLM for lmms-eval; ``--model_args`` are our model options (those of ``imagebind-llm ask``).
 
     Args:
-        name, model, adapter, weights, imagebind, imagebind_config, phase, dtype, device: the model (as
-            ``--name``, ``--model``, ... of the command line); none of name/model/adapter/weights: the demo.
+        name, model, adapter, weights, imagebind, imagebind_config, phase, dtype, device, quantize: the model
+            (as ``--name``, ``--model``, ... of the command line); none of name/model/adapter/weights: the demo.
         cache: a retrieval cache folder (``imagebind-llm cache build``).
         template: prompt template; default alpaca for ImageBind-LLM weights, else the model's own.
         max_batch: engine rows decoded together; default lmms-eval's ``batch_size``
@@ -114,14 +114,15 @@ class ImageBindLLMEval(_Base):
 
     def __init__(self, name: str | None = None, model: str | None = None, adapter: str | None = None,
                  weights: str | None = None, imagebind: str | None = None, imagebind_config: str | None = None,
-                 phase: str | None = None, dtype: str = "float32", device: str = "cpu", cache: str | None = None,
+                 phase: str | None = None, dtype: str = "float32", device: str = "cpu", quantize: str | None = None,
+                 cache: str | None = None,
                  template: str | None = None, max_batch: int | None = None, max_context: int | None = None,
                  batch_size: int | str = 1, max_batch_size: int | None = None, engine: Engine | None = None) -> None:
         super().__init__()
         if engine is None:
             args = argparse.Namespace(name=name, model=model, adapter=adapter, weights=weights, imagebind=imagebind,
                                       imagebind_config=imagebind_config, phase=phase, dtype=dtype, device=device,
-                                      cache=cache)
+                                      quantize=quantize, cache=cache)
             rows = max_batch or ((max_batch_size or AUTO_BATCH) if batch_size == "auto" else int(batch_size))
             uses_demo(args)
             template = template or default_template(args)
