@@ -39,7 +39,6 @@ import argparse
 import os
 import random
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -49,6 +48,7 @@ from pathlib import Path
 import torch
 
 import imagebind_llm as ibl
+from common import contend
 from imagebind_llm.engine import Engine, Request
 from imagebind_llm.llm.generate import GREEDY
 
@@ -199,20 +199,6 @@ def in_thread(fn):
     if not out:
         raise RuntimeError(f"{fn.__name__} failed (see the traceback above)")
     return out[0]
-
-
-BUSY = """
-import os
-parent = os.getppid()
-while os.getppid() == parent:  # a busy loop that ends with the benchmark, however that ends
-    for _ in range(1_000_000):
-        pass
-"""
-
-
-def contend(n: int) -> list[subprocess.Popen]:
-    """Start ``n`` busy-loop neighbour processes (stop them with ``p.kill()``; they also end with this one)."""
-    return [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(n)]
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ Then, each in its own process (so that peak RSS is its own):
   prefix, gates, LoRA rank 16 on every layer) and ImageBind-huge (random weights); it answers a question
   about an image, then decodes the base greedily at each batch size;
 * ``export <type>``: ``imagebind-llm export-gguf`` of the same base;
-* ``llama.cpp <type>``: llama-cpp-python on that GGUF, the same prompt and threads (`llama_cpp_peer`).
+* ``llama.cpp <type>``: llama-cpp-python on that GGUF, the same prompt and threads (`common.LlamaCpp`).
 
 Reported per process: load seconds, peak RSS, decode tok/s per batch (``B * (N - 1) / (t(N) - t(1))``,
 best of ``--repeats``) and the ratio to llama.cpp on the same quantised weights. The checkpoint (13.5 GB)
@@ -159,7 +159,7 @@ def measure_ours(folder: Path, quantize: str, batches: list[int], new: int, repe
 def measure_llama_cpp(gguf: Path, prompt: list[int], batches: list[int], new: int, repeats: int,
                       threads: int) -> dict:
     sys.path.insert(0, str(BENCH))
-    from llama_cpp_peer import LlamaCpp
+    from common import LlamaCpp
 
     speeds, load = {}, 0.0
     for batch in batches:
@@ -227,7 +227,7 @@ def main() -> None:
         write_checkpoint(args.dir)
         print(f"wrote a random LLaMA-7B-shaped checkpoint to {args.dir} in {time.perf_counter() - start:.0f} s")
     sys.path.insert(0, str(BENCH))
-    from engine import contend
+    from common import contend
 
     neighbours = contend(args.contend)
     rows = []

@@ -52,6 +52,7 @@ from pathlib import Path
 
 import httpx
 
+from common import LLAMA_SERVER, contend
 from imagebind_llm.llm.weights.gguf import find_default_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,25 +65,6 @@ QUESTIONS = [
     "What is the capital of France? Answer in one sentence, then name three famous landmarks there.",
 ]
 KINDS = ("text", "image", "image+audio")
-LLAMA_SERVER = """
-import runpy, sys
-import llama_cpp.llama_cpp as C
-if sys.argv.pop(1) == "no-extra-bufts":  # no AMX / repacked weight buffers: see --llama-extra-bufts
-    default = C.llama_model_default_params
-    def params():
-        p = default()
-        p.use_extra_bufts = False
-        return p
-    C.llama_model_default_params = params
-runpy.run_module("llama_cpp.server", run_name="__main__")
-"""
-BUSY = """
-import os
-parent = os.getppid()
-while os.getppid() == parent:  # a busy loop that ends with the benchmark, however that ends
-    for _ in range(1_000_000):
-        pass
-"""
 
 
 def free_port() -> int:
@@ -283,7 +265,7 @@ def main() -> None:
         asyncio.run(scenario(ours_url, bodies(args.max_batch, KINDS, 4), args.max_batch, False))  # warm-up
         if llama:
             asyncio.run(scenario(llama_url, bodies(2, ("text",), 4), 1, False))
-        neighbours = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(args.contend)]
+        neighbours = contend(args.contend)
         plan = [("ours, mix, one at a time" if c == 1 else "ours, mix", ours_url, mix, c) for c in counts]
         for c in counts:  # the text-only comparison back to back, so that both see the same machine
             plan += [("ours, text", ours_url, text, c)] + ([("llama.cpp, text", llama_url, text, c)] if llama else [])

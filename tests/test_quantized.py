@@ -81,7 +81,7 @@ def test_large_inputs_gradients_and_other_dtypes_use_the_dequantised_weight():
     w = random_weight("q4_1")
     dense = w.dequantize()
     x = torch.randn(KERNEL_MAX_ROWS + 1, w.in_features)
-    assert torch.equal(w.matmul(x), F.linear(x, dense))  # prefill-sized: one dequantisation + BLAS
+    torch.testing.assert_close(w.matmul(x), F.linear(x, dense), rtol=1e-5, atol=1e-5)  # prefill: tiles + BLAS
     xg = torch.randn(2, w.in_features, requires_grad=True)
     w.matmul(xg).sum().backward()
     torch.testing.assert_close(xg.grad, dense.sum(0).expand(2, -1))

@@ -15,10 +15,16 @@ Two ways to run it:
   ``[B, S]`` (per-row positions). Batches of prompts of different lengths are right-padded: each row's
   padding sits at positions past its own prompt, is never attended to by the row's real tokens, and is
   overwritten by the row's generated tokens, so no separate padding mask is needed.
+
+With quantised projections (`QuantizedLinear`, GGUF weights on the CPU), a decode-sized forward (up to
+`KERNEL_MAX_ROWS` tokens) runs within `kernels.decoding`: each layer's norm and q/k/v projections are one
+kernel call, a one-token step's rotary embeddings, cache write and attention another, the norm, gate
+and up projections and SwiGLU a third, and torch's remaining small ops stay in the calling thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -26,7 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .config import LLMConfig, RopeScaling
+from .quantized import KERNEL_MAX_ROWS, ProjectionGroup, QuantizedWeight
 
 
 class RMSNorm(nn.Module):
@@ -40,6 +48,12 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # Normalise in float32, cast back, then scale (Meta's order); one fused kernel for the first part.
         return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).type_as(x)
+
+    def kernel_args(self) -> tuple[Tensor, float] | None:
+        """``(weight, eps)`` for the quantised kernels to apply this norm inside a projection (`ProjectionGroup`),
+        or None when the weight is not a contiguous float32 CPU tensor."""
+        w = self.weight
+        return (w, self.eps) if w.dtype == torch.float32 and w.is_cpu and w.is_contiguous() else None
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> Tensor:
@@ -113,14 +127,15 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, kv_dim, bias=config.attn_bias)
         self.wo = nn.Linear(q_dim, config.dim, bias=False)
         self.kv_cache: KVCache | None = None
+        self._qkv = ProjectionGroup()  # wq, wk, wv in one call when they are quantised (no weights of its own)
 
     def forward(self, x: Tensor, rope: Tensor, input_pos: Tensor | None = None,
                 mask: Tensor | None = None, injection: Tensor | None = None,
-                cache_rows: slice = slice(None)) -> Tensor:
+                cache_rows: slice = slice(None), norm: nn.Module | None = None) -> Tensor:
         """Attention over ``x`` ``[B, S, dim]``.
 
         Args:
-            x: normalised hidden states ``[B, S, dim]``.
+            x: hidden states ``[B, S, dim]``, normalised (or normalised here by ``norm``).
             rope: complex rotations for these positions, ``[B or 1, S, 1, head_dim / 2]``.
             input_pos: ``[B, S]`` cache positions; None for uncached causal attention.
             mask: ``[B, 1, S, T]`` bool, True where a query may see a cache slot (cached path only);
@@ -128,14 +143,25 @@ class Attention(nn.Module):
             injection: None or a tensor broadcastable to ``[B, S, n_heads, head_dim]`` added to the
                 attention output of every head before ``wo``.
             cache_rows: the KV cache rows these ``B`` rows use (a slice of length ``B``).
+            norm: None, or the `RMSNorm` to apply to ``x`` first (inside the projections' kernel call
+                when they are quantised).
 
         Returns:
             ``[B, S, dim]``.
         """
         B, S, _ = x.shape
-        q = self.wq(x).view(B, S, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, S, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, S, self.n_kv_heads, self.head_dim)
+        q, k, v = self._qkv((self.wq, self.wk, self.wv), x, norm)
+        q = q.view(B, S, self.n_heads, self.head_dim)
+        k = k.view(B, S, self.n_kv_heads, self.head_dim)
+        v = v.view(B, S, self.n_kv_heads, self.head_dim)
+        if input_pos is not None and S == 1 and kernels.in_decoding():  # rotary, cache write, attention: one call
+            assert self.kv_cache is not None, "cached forward without setup_caches"
+            y = kernels.attention(q, k, v, rope, self.kv_cache.k, self.kv_cache.v, input_pos, cache_rows,
+                                  mask.shape[-1])
+            if y is not None:
+                if injection is not None:
+                    y = (y.view(B, S, self.n_heads, self.head_dim) + injection).view(B, S, -1)
+                return self.wo(y)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if input_pos is None:
@@ -158,9 +184,11 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(config.dim, config.hidden_dim, bias=False)
         self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)
         self.w3 = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self._gate_up = ProjectionGroup(gated=True)  # silu(w1 x) * w3 x in one call when they are quantised
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+    def forward(self, x: Tensor, norm: nn.Module | None = None) -> Tensor:
+        """``x`` ``[..., dim]`` (normalised first by ``norm`` when given) -> ``[..., dim]``."""
+        return self.w2(self._gate_up((self.w1, self.w3), x, norm)[0])
 
 
 class TransformerBlock(nn.Module):
@@ -176,6 +204,11 @@ class TransformerBlock(nn.Module):
     def forward(self, x: Tensor, rope: Tensor, input_pos: Tensor | None = None,
                 mask: Tensor | None = None, injection: Tensor | None = None,
                 cache_rows: slice = slice(None)) -> Tensor:
+        if kernels.in_decoding():  # the norms run inside the quantised projections' kernel calls
+            h = x + self.attention(x, rope, input_pos, mask, injection, cache_rows, norm=self.attention_norm)
+            return h + self.feed_forward(h, norm=self.ffn_norm)
+        # (Outside: FSDP shards the attention and MLP apart from their norms, and training gives wrong
+        # gradients when a norm of the root group runs inside a sharded module's forward.)
         h = x + self.attention(self.attention_norm(x), rope, input_pos, mask, injection, cache_rows)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -200,6 +233,7 @@ class Transformer(nn.Module):
             self.register_state_dict_post_hook(_drop_tied_output)
             self.register_load_state_dict_pre_hook(_fill_tied_output)
             self.register_load_state_dict_post_hook(_retie_output)
+        self._head = ProjectionGroup()  # the final norm inside a quantised LM head's kernel call
         # RoPE tables are derived data, built lazily on the device in use (so meta init needs nothing).
         self._rope: Tensor | None = None
         # arange(T) over the KV cache slots, for the position mask; a buffer so that .to() moves it.
@@ -291,13 +325,20 @@ class Transformer(nn.Module):
             positions = input_pos = input_pos.expand(B, S)
             mask = input_pos[:, None, :, None] >= self._cache_slots[:kv_len]  # [B, 1, S, T]
         rope = self._rope_for(positions)
-        x = self.tok_embeddings(tokens)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, rope, input_pos, mask, None if injections is None else injections[i],
-                      cache_rows if cache_rows is not None else slice(None))
-        if logits_index is not None:
-            x = x[torch.arange(B, device=x.device), logits_index].unsqueeze(1)
-        return self.output(self.norm(x))
+        with kernels.decoding() if self._on_kernels(tokens) else contextlib.nullcontext():
+            x = self.tok_embeddings(tokens)
+            for i, layer in enumerate(self.layers):
+                x = layer(x, rope, input_pos, mask, None if injections is None else injections[i],
+                          cache_rows if cache_rows is not None else slice(None))
+            if logits_index is not None:
+                x = x[torch.arange(B, device=x.device), logits_index].unsqueeze(1)
+            return self._head((self.output,), x, self.norm)[0]
+
+    def _on_kernels(self, tokens: Tensor) -> bool:
+        """Whether this forward is a decode-sized step whose projections run on the quantised kernels."""
+        B, S = tokens.shape
+        return (tokens.is_cpu and B * S <= KERNEL_MAX_ROWS and len(self.layers) > 0
+                and isinstance(getattr(self.layers[0].feed_forward.w2, "quantized", None), QuantizedWeight))
 
 
 def _drop_tied_output(module: Transformer, state_dict: dict, prefix: str, local_metadata: dict) -> None:
