@@ -20,7 +20,8 @@ ALLOWED = {  # package -> the packages of ours it may import (besides itself); h
     "apps": {"hub", "engine", *LEAVES},
     **{top: {"hub", "engine", *LEAVES} for top in ("eval",)},
     "serve": {"hub", "engine", "apps", *LEAVES},  # the images endpoint serves apps.unclip
-    "train": {"hub", "model", "cache", *LEAVES},
+    "train": {"hub", "model", "cache", "eval", *LEAVES},  # eval: bind training reports zero-shot recall
+    "world": {"hub"},
 }
 FRONT = {"__init__", "__main__", "cli"}  # the front door and the dispatcher may import everything
 

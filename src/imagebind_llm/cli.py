@@ -2,7 +2,7 @@
 
 Each package adds its own subcommands (``engine.cli``: ask, chat; ``model.cli``: merge-delta; ``hub.cli``:
 weights; ``llm.weights.cli``: export-gguf; ``cache.cli``; ``train.cli``; ``serve.cli``: serve, web; ``eval.cli``: eval;
-``apps.cli``: imagine).
+``apps.cli``: imagine; ``world.cli``: world generate).
 Each is one ``add_*`` function in `SUBCOMMANDS`: it adds its parser and sets ``func`` (parsed arguments -> exit
 code). Errors a user can fix (missing files, unknown formats, mismatched weights, invalid options, a ``--device``
 this machine lacks, failed downloads) are printed as one line on stderr with exit code 1; ``--debug`` shows the
@@ -32,6 +32,7 @@ from imagebind_llm.llm.weights.cli import add_export_gguf_command
 from imagebind_llm.model.cli import add_merge_delta_command
 from imagebind_llm.serve.cli import add_serve_commands
 from imagebind_llm.train.cli import add_train_subcommands
+from imagebind_llm.world.cli import add_world_command
 
 EXIT_USER_ERROR = 1
 EXIT_BUG = 70  # sysexits' EX_SOFTWARE: an error of ours, not of the input
@@ -46,6 +47,7 @@ USER_ERRORS = (OSError, ValueError, DownloadError)
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], object]] = [
     add_chat_command, add_ask_command, add_merge_delta_command, add_weights_command, add_export_gguf_command,
     add_cache_subcommands, add_train_subcommands, add_serve_commands, add_eval_commands, add_imagine_command,
+    add_world_command,
 ]
 
 
