@@ -150,3 +150,38 @@ def start_server(seeing_demo):
     yield start
     for live in started:
         live.stop()
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A free TCP port on the loopback interface (the rendezvous of a ``torchrun`` test)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _quantised_weights(model: torch.nn.Module) -> dict:
+    from imagebind_llm.llm.quantized import QuantizedEmbedding, QuantizedLinear
+
+    return {name: m.quantized for name, m in model.named_modules()
+            if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
+
+
+def _same_weights(a, b) -> bool:
+    buffers = [dict(w.named_buffers()) for w in (a, b)]
+    return a.fmt == b.fmt and buffers[0].keys() == buffers[1].keys() and all(
+        torch.equal(buffers[0][k], buffers[1][k]) for k in buffers[0])
+
+
+@pytest.fixture
+def quantised_weights():
+    """``quantised_weights(model) -> {module name: QuantizedWeight}``: a decoder's quantised modules' weights."""
+    return _quantised_weights
+
+
+@pytest.fixture
+def same_weights():
+    """``same_weights(a, b)``: two `QuantizedWeight`s hold the same format, blocks, scales and offsets."""
+    return _same_weights

@@ -120,6 +120,12 @@ def test_jsonl_manifest_lists_and_labels(tmp_path):
         paired_set(rows, "image", "text", tmp_path)
 
 
+def test_manifest_columns_may_use_the_tower_names(tmp_path):
+    (tmp_path / "m.jsonl").write_text(json.dumps({"vision": "a.png", "text": "a red cube"}) + "\n")
+    data = paired_set(read_manifest(tmp_path / "m.jsonl"), "image", "text", tmp_path)
+    assert data.queries == [str(tmp_path / "a.png")] and data.targets == ["a red cube"]
+
+
 # --------------------------------------------------------------------------------------- evaluation
 def test_separable_classes_get_accuracy_one(tmp_path):
     data = read_folder(_colour_folder(tmp_path / "data"), "image")

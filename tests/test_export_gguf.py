@@ -15,7 +15,6 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from imagebind_llm.cli import main
 from imagebind_llm.llm.config import LLMConfig
 from imagebind_llm.llm.model import Transformer
-from imagebind_llm.llm.quantized import QuantizedEmbedding, QuantizedLinear
 from imagebind_llm.llm.weights import load_llm
 from imagebind_llm.llm.weights.export import export_gguf
 from imagebind_llm.llm.weights.hf import hf_config_dict, save_hf
@@ -74,28 +73,27 @@ def models_dir(tmp_path_factory):
     return root
 
 
-def quantised_modules(model: Transformer) -> dict:
-    return {name: m.quantized for name, m in model.named_modules()
-            if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
-
-
-def same_blocks(a: Transformer, b: Transformer) -> bool:
-    """The two models' quantised modules are the same ones, holding the same formats, blocks, scales and offsets."""
-    ours, theirs = quantised_modules(a), quantised_modules(b)
-    return ours.keys() == theirs.keys() and all(ours[n].fmt == theirs[n].fmt and all(
-        torch.equal(x, y) for x, y in zip(ours[n].buffers(), theirs[n].buffers(), strict=True)) for n in ours)
+@pytest.fixture
+def same_blocks(quantised_weights, same_weights):
+    """``same_blocks(a, b)``: the two models' quantised modules are the same ones, holding the same formats,
+    blocks, scales and offsets."""
+    def same(a: Transformer, b: Transformer) -> bool:
+        ours, theirs = quantised_weights(a), quantised_weights(b)
+        return ours.keys() == theirs.keys() and all(same_weights(ours[n], theirs[n]) for n in ours)
+    return same
 
 
 @pytest.mark.parametrize("layout", ["meta", "hf"])
 @pytest.mark.parametrize("gguf_type", ["q4_1", "q8_0", "q4_k", "f16"])
-def test_round_trip_equals_quantising_on_load(models_dir, layout, gguf_type, tmp_path):
+def test_round_trip_equals_quantising_on_load(models_dir, layout, gguf_type, tmp_path, same_blocks,
+                                             quantised_weights):
     source = models_dir / layout
     path = export_gguf(source, tmp_path / "model.gguf", gguf_type=gguf_type)
     exported = load_llm(path, quantized=True)
     direct = load_llm(source, quantize=QUANTIZE.get(gguf_type))
     assert exported.config.vocab_size == CONFIG.vocab_size and not exported.config.tie_embeddings
     assert same_blocks(exported.model, direct.model)
-    assert len(quantised_modules(direct.model)) == (0 if gguf_type == "f16" else 7 * CONFIG.n_layers + 2)
+    assert len(quantised_weights(direct.model)) == (0 if gguf_type == "f16" else 7 * CONFIG.n_layers + 2)
     tokens = torch.tensor([direct.tokenizer.encode(TEXTS[layout][1])])
     with torch.no_grad():
         assert torch.equal(exported.model(tokens), direct.model(tokens))  # f16: the file's values are the model's
@@ -108,7 +106,7 @@ def test_round_trip_equals_quantising_on_load(models_dir, layout, gguf_type, tmp
     assert norm.name == "blk.0.attn_norm.weight" and norm.tensor_type == gguf.GGMLQuantizationType.F32
 
 
-def test_meta_base_with_its_tokenizer_one_level_up(tmp_path):
+def test_meta_base_with_its_tokenizer_one_level_up(tmp_path, same_blocks):
     """The ImageBind-LLM base fixture (llama_dir/base + llama_dir/tokenizer.model, dim 64): its rows are not whole
     Q4_K super-blocks, so the file holds the Q4_1 blocks that loading it with quantize="q4_k" makes."""
     base = SPM.parent / "base"

@@ -17,7 +17,7 @@ from imagebind_llm.cli import build_parser, main
 from imagebind_llm.engine.cli import model_spec
 from imagebind_llm.llm.config import LLMConfig
 from imagebind_llm.llm.model import Transformer
-from imagebind_llm.llm.quantized import QuantizedEmbedding, QuantizedLinear
+from imagebind_llm.llm.quantized import QuantizedEmbedding
 from imagebind_llm.llm.weights import QUANT_TYPES, load_llm
 from imagebind_llm.llm.weights import quantize as quantize_module
 from imagebind_llm.llm.weights.common import SourceTensor
@@ -156,33 +156,22 @@ def checkpoints(tmp_path_factory):
     return dirs
 
 
-def quantised_modules(model: Transformer) -> dict:
-    return {name: m.quantized for name, m in model.named_modules() if isinstance(m, (QuantizedLinear,
-                                                                                     QuantizedEmbedding))}
-
-
-def same_blocks(a, b) -> bool:
-    """Two `QuantizedWeight`s hold the same format, blocks, scales and offsets."""
-    buffers = [dict(w.named_buffers()) for w in (a, b)]
-    return a.fmt == b.fmt and buffers[0].keys() == buffers[1].keys() and all(
-        torch.equal(buffers[0][k], buffers[1][k]) for k in buffers[0])
-
-
 @pytest.mark.parametrize("qtype", QUANT_TYPES)
-def test_every_format_gives_the_same_blocks_as_quantising_the_float_weights(checkpoints, qtype, monkeypatch):
+def test_every_format_gives_the_same_blocks_as_quantising_the_float_weights(checkpoints, qtype, monkeypatch,
+                                                                            quantised_weights, same_weights):
     monkeypatch.setitem(quantize_module._CHUNK_WEIGHTS, qtype, 30_000)  # several chunks per tensor, HF q/k by heads
     models = {fmt: load_llm(path, quantize=qtype).model for fmt, path in checkpoints.items()}
-    reference = quantised_modules(models["meta"])
+    reference = quantised_weights(models["meta"])
     assert len(reference) == 7 * CONFIG.n_layers + 2 and isinstance(models["meta"].tok_embeddings, QuantizedEmbedding)
     dense = load_llm(checkpoints["meta"]).model
     for name, weight in reference.items():
         blocks = quantize(dense.get_submodule(name).weight, qtype).numpy()
-        assert same_blocks(weight, weight_from_blocks(GGUF_NAMES[qtype], blocks, len(blocks))), name
+        assert same_weights(weight, weight_from_blocks(GGUF_NAMES[qtype], blocks, len(blocks))), name
     assert models["meta"].norm.weight.dtype == torch.float32
     for fmt, model in models.items():
-        modules = quantised_modules(model)
+        modules = quantised_weights(model)
         assert modules.keys() == reference.keys(), fmt
-        assert all(same_blocks(weight, reference[name]) for name, weight in modules.items()), fmt
+        assert all(same_weights(weight, reference[name]) for name, weight in modules.items()), fmt
     with torch.no_grad():
         logits = {fmt: model(TOKENS) for fmt, model in models.items()}
         for name, weight in reference.items():  # the float model with the quantised values computes the same
@@ -207,20 +196,20 @@ def test_quantised_tensors_are_read_in_chunks_never_whole(checkpoints, monkeypat
     assert torch.get_num_threads() == threads  # the workers' single-threaded torch is not left behind
 
 
-def test_fallback_for_rows_that_are_not_super_blocks():
+def test_fallback_for_rows_that_are_not_super_blocks(quantised_weights, same_weights):
     """The fixture base (dim 64): Q4_K falls back to Q4_1 blocks, the same as asking for Q4_1."""
     base = FIXTURES / "llama" / "base"
-    q4_k, q4_1 = (quantised_modules(load_llm(base, quantize=q).model) for q in ("q4_k", "q4_1"))
+    q4_k, q4_1 = (quantised_weights(load_llm(base, quantize=q).model) for q in ("q4_k", "q4_1"))
     assert q4_k.keys() == q4_1.keys() and len(q4_k) == 16
-    assert all(same_blocks(q4_k[n], q4_1[n]) and q4_k[n].fmt == "q4_1" for n in q4_k)
+    assert all(same_weights(q4_k[n], q4_1[n]) and q4_k[n].fmt == "q4_1" for n in q4_k)
 
 
-def test_a_quantised_gguf_keeps_its_own_types(checkpoints, tmp_path):
+def test_a_quantised_gguf_keeps_its_own_types(checkpoints, tmp_path, quantised_weights, same_weights):
     path = export_gguf(checkpoints["meta"], tmp_path / "q4_1.gguf", gguf_type="q4_1")
-    kept = quantised_modules(load_llm(path, quantize="q8").model)
+    kept = quantised_weights(load_llm(path, quantize="q8").model)
     assert {w.fmt for w in kept.values()} == {"q4_1"}
-    plain = quantised_modules(load_llm(path, quantized=True).model)
-    assert kept.keys() == plain.keys() and all(same_blocks(kept[n], plain[n]) for n in kept)
+    plain = quantised_weights(load_llm(path, quantized=True).model)
+    assert kept.keys() == plain.keys() and all(same_weights(kept[n], plain[n]) for n in kept)
     with pytest.raises(ValueError, match="cannot be combined with quantized=False"):
         load_llm(path, quantize="q8", quantized=False)
 

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from imagebind_llm.engine import modality
+from imagebind_llm.engine import UnknownModalityError, modality
 
 log = logging.getLogger(__name__)
 
@@ -162,10 +162,18 @@ def labelled_set(rows: Sequence[dict[str, list[str]]], query: str, base: Path) -
 
 
 def _column(row: dict[str, list[str]], name: str, base: Path) -> list[str]:
-    """A row's values of modality ``name``, file paths made absolute against ``base``."""
+    """A row's values of modality ``name`` (its column spelled as any of the modality's names, e.g. ``vision``
+    for ``image``), file paths made absolute against ``base``."""
     entry = modality(name)
-    values = row.get(entry.name, [])
+    values = next((v for key, v in row.items() if key != LABEL and _modality_or_none(key) is entry), [])
     return [str(base / v) for v in values] if entry.is_file else values
+
+
+def _modality_or_none(name: str):
+    try:
+        return modality(name)
+    except UnknownModalityError:
+        return None
 
 
 # ------------------------------------------------------------------------------------------- features
