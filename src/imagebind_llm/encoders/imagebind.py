@@ -353,7 +353,7 @@ def load_official(source: str | Path | Mapping[str, torch.Tensor],
     """
     state = read_state_dict(source, what="ImageBind checkpoint") if isinstance(source, (str, Path)) else source
     if isinstance(config, (str, Path)):
-        config = _read_config(Path(config), has_point_branch(state))
+        config = read_config(Path(config), has_point_branch(state))
     elif not isinstance(config, ImageBindConfig):
         fields = dict(config or {})
         fields = {"with_point": has_point_branch(state), **fields.get("ImageBindModel_kwargs", fields)}
@@ -366,7 +366,7 @@ def load_official(source: str | Path | Mapping[str, torch.Tensor],
     return model.eval()
 
 
-def _read_config(path: Path, with_point: bool) -> ImageBindConfig:
+def read_config(path: Path, with_point: bool) -> ImageBindConfig:
     """The config of a JSON file of ``ImageBindModel`` arguments (optionally under ``"ImageBindModel_kwargs"``);
     ``with_point`` unless the file says.
 

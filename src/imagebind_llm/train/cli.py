@@ -1,4 +1,4 @@
-"""``imagebind-llm train stage1|stage2|extract-features``: argparse wiring for the training recipes.
+"""``imagebind-llm train stage1|stage2|bind|extract-features``: argparse wiring for the training recipes.
 
 The main CLI calls `add_train_subcommands(subparsers)`; each leaf parser sets ``func`` (parsed arguments
 -> exit code). Launch multi-GPU / multi-node runs with ``torchrun ... -m imagebind_llm train stage1 ...``.
@@ -15,26 +15,30 @@ import yaml
 from imagebind_llm.cache.cli import add_shard_args
 from imagebind_llm.cache.shards import extract_image_features
 from imagebind_llm.train import distributed
-from imagebind_llm.train.config import load_config
+from imagebind_llm.train.config import BIND, load_config
 from imagebind_llm.train.data import image_sources, read_examples
-from imagebind_llm.train.recipes import stage1, stage2
+from imagebind_llm.train.recipes import bind, stage1, stage2
 
 RECIPES = {"stage1": (1, stage1, "image-text alignment: bind network, prefix and gates"),
-           "stage2": (2, stage2, "instruction tuning: LoRA, biases and norms")}
+           "stage2": (2, stage2, "instruction tuning: LoRA, biases and norms"),
+           "bind": (BIND, bind, "bind a modality's encoder tower to ImageBind's space (contrastive)")}
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file over the stage's defaults (configs/base.yaml + stageN.yaml)")
+    p.add_argument("--config", help="YAML file over the recipe's defaults (configs/base.yaml + stageN.yaml, or "
+                   "configs/bind.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, e.g. --set optim.lr=1e-3 --set data.train=[a.tsv,b.tar]")
 
 
 def add_train_subcommands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``train`` with ``stage1``, ``stage2`` and ``extract-features`` to a CLI."""
-    train = subparsers.add_parser("train", help="train ImageBind-LLM (stage 1 alignment, stage 2 instruction tuning)")
+    """Add ``train`` with ``stage1``, ``stage2``, ``bind`` and ``extract-features`` to a CLI."""
+    train = subparsers.add_parser("train", help="train ImageBind-LLM (stage 1 alignment, stage 2 instruction "
+                                  "tuning) or bind an encoder tower")
     sub = train.add_subparsers(dest="train_command", required=True)
     for name, (stage, _, summary) in RECIPES.items():
-        p = sub.add_parser(name, help=summary, description=f"Stage {stage}: {summary}. Every config value can be "
+        title = "Bind" if stage == BIND else f"Stage {stage}"
+        p = sub.add_parser(name, help=summary, description=f"{title}: {summary}. Every config value can be "
                            "overridden with --set; run under torchrun for several processes.")
         _add_config_args(p)
         p.add_argument("--resume", metavar="DIR", help="continue from a run folder (its latest checkpoint) or a "
@@ -68,10 +72,7 @@ def _run_stage(args: argparse.Namespace) -> int:
     finally:
         distributed.teardown()
     if distributed.is_main():
-        summary = {"step": result.step, "final_loss": result.losses[-1] if result.losses else None,
-                   "checkpoint": str(result.checkpoint) if result.checkpoint else None,
-                   "exports": {k: str(v) for k, v in result.exports.items()}}
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(result.summary(), indent=2))
     return 0
 
 

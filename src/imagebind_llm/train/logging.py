@@ -88,6 +88,19 @@ class ProgressLogger:
                  record["loss"], lr, record["tokens_per_s"], record["eta_s"])
         self._reset_window()
 
+    def add(self, record: dict[str, Any]) -> None:
+        """Write another record with a ``step`` (e.g. evaluation metrics) to ``log.jsonl``; TensorBoard gets
+        its numbers as ``eval/<key>``."""
+        if not self.enabled:
+            return
+        self.records.append(record)
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step":
+                    self.writer.add_scalar(f"eval/{key}", value, record["step"])
+
     def close(self) -> None:
         if self.enabled:
             self.bar.close()

@@ -198,6 +198,11 @@ class TrainResult:
     exports: dict[str, Path] = field(default_factory=dict)
     records: list[dict[str, Any]] = field(default_factory=list)
 
+    def summary(self) -> dict[str, Any]:
+        return {"step": self.step, "final_loss": self.losses[-1] if self.losses else None,
+                "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+                "exports": {k: str(v) for k, v in self.exports.items()}}
+
 
 def train(config: TrainConfig, model: ImageBindLLM, dataset: TrainDataset, device: torch.device,
           resume: str | Path | None = None, retrieve: Retrieve | None = None, *, overwrite: bool = False
@@ -297,7 +302,8 @@ def train(config: TrainConfig, model: ImageBindLLM, dataset: TrainDataset, devic
     return result
 
 
-def check_output_dir(output_dir: str | Path, resume: str | Path | None, overwrite: bool) -> None:
+def check_output_dir(output_dir: str | Path, resume: str | Path | None, overwrite: bool,
+                     exports: Sequence[str] = EXPORTS) -> None:
     """Refuse a new run into a folder holding a run (checkpoints or exports) unless ``overwrite``; with it, the
     old run's checkpoints go now (they would mix with the new run's) and its exports stay until the new
     run's replace them.
@@ -309,7 +315,7 @@ def check_output_dir(output_dir: str | Path, resume: str | Path | None, overwrit
     output_dir = make_dir(output_dir, "train.output_dir")
     if resume is not None:
         return
-    found = [p for p in (output_dir / CHECKPOINT_DIR / LATEST, *(output_dir / e for e in EXPORTS)) if p.exists()]
+    found = [p for p in (output_dir / CHECKPOINT_DIR / LATEST, *(output_dir / e for e in exports)) if p.exists()]
     if found and not overwrite:
         raise FileExistsError(f"train.output_dir {output_dir} holds a training run ({found[0]}); continue it with "
                               f"--resume {output_dir}, replace it with --overwrite, or set another train.output_dir")
