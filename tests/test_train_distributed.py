@@ -3,7 +3,6 @@ with DDP and with FSDP2 sharding of the frozen decoder (losses, exported adapter
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,12 +16,6 @@ from PIL import Image
 from imagebind_llm.train import load_config, stage2
 
 FIXTURES = Path(__file__).parent / "fixtures"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -63,12 +56,12 @@ if result.exports:
 
 
 @pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
-def test_two_processes_match_one_process(data, tmp_path, strategy):
+def test_two_processes_match_one_process(data, tmp_path, strategy, free_port):
     single = stage2.run(load_config(2, config_file(data, tmp_path / "single"), ["optim.accum_iter=2"]))
     (tmp_path / "worker.py").write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), str(tmp_path / "worker.py"),
+               "--master_port", str(free_port), str(tmp_path / "worker.py"),
                str(config_file(data, tmp_path / "multi", distributed=strategy)), str(tmp_path / "losses.json")]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -134,16 +134,21 @@ def _read_table(path: Path, delimiter: str) -> list[Example]:
                 for i, row in enumerate(reader)]
 
 
+def tar_files(tar: tarfile.TarFile) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
+    """``(key, suffix, member)`` of each file of a webdataset tar: ``dir/x.vision.png`` has the key ``dir/x``
+    and the suffix ``.vision.png`` (lower case; empty without a dot)."""
+    for member in tar.getmembers():
+        if member.isfile():
+            base = member.name.rsplit("/", 1)[-1]
+            key = member.name[: len(member.name) - len(base)] + base.split(".", 1)[0]
+            yield key, "." + base.split(".", 1)[1].lower() if "." in base else "", member
+
+
 def _read_tar(path: Path) -> list[Example]:
     images: dict[str, str] = {}
     texts: dict[str, list[str]] = {}
     with tarfile.open(path) as tar:
-        for member in tar.getmembers():
-            if not member.isfile():
-                continue
-            base = member.name.rsplit("/", 1)[-1]
-            key = member.name[: len(member.name) - len(base)] + base.split(".", 1)[0]
-            suffix = "." + base.split(".", 1)[1].lower() if "." in base else ""
+        for key, suffix, member in tar_files(tar):
             if suffix in IMAGE_SUFFIXES:
                 images[key] = member.name
             elif suffix in (".txt", ".json"):

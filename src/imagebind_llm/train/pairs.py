@@ -37,7 +37,7 @@ from imagebind_llm.cache.shards import IMAGE_SUFFIXES, TAR_SEP, read_image_bytes
 from imagebind_llm.encoders import MODALITIES
 from imagebind_llm.model.media import modality
 from imagebind_llm.preprocess import MediaError, tokenize
-from imagebind_llm.train.data import DataFormatError
+from imagebind_llm.train.data import DataFormatError, tar_files
 
 Pair = dict[str, str]
 Generator = Callable[[int], Iterator[Mapping[str, torch.Tensor]]]
@@ -103,12 +103,8 @@ def _resolve(row: Mapping[str, Any], root: Path) -> Pair:
 def _read_tar(path: Path) -> list[tuple[str, Pair]]:
     groups: dict[str, Pair] = {}
     with tarfile.open(path) as tar:
-        for member in tar.getmembers():
-            if not member.isfile():
-                continue
-            base = member.name.rsplit("/", 1)[-1]
-            key = member.name[: len(member.name) - len(base)] + base.split(".", 1)[0]
-            name = _tar_field_modality(base.split(".", 1)[1].lower() if "." in base else "")
+        for key, suffix, member in tar_files(tar):
+            name = _tar_field_modality(suffix[1:])
             if name == "text":
                 groups.setdefault(key, {})[name] = tar.extractfile(member).read().decode("utf-8").strip()
             elif name is not None:
