@@ -4,6 +4,7 @@ blocks ``load_llm(..., quantize=...)`` builds, and that llama.cpp runs with the 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import gguf
@@ -15,7 +16,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from imagebind_llm.cli import main
 from imagebind_llm.llm.config import LLMConfig
 from imagebind_llm.llm.model import Transformer
-from imagebind_llm.llm.weights import load_llm
+from imagebind_llm.llm.weights import BASE_MARKER, base_marker, load_llm
 from imagebind_llm.llm.weights.export import export_gguf
 from imagebind_llm.llm.weights.hf import hf_config_dict, save_hf
 from imagebind_llm.llm.weights.meta import save_meta
@@ -227,3 +228,11 @@ def test_models_gguf_cannot_describe_are_refused(models_dir, tmp_path):
     assert not (tmp_path / "model.gguf").exists()
     with pytest.raises(ValueError, match="unknown GGUF type 'q2_k'"):
         export_gguf(models_dir / "meta", tmp_path / "model.gguf", gguf_type="q2_k")
+
+
+def test_a_merged_base_stays_marked_in_its_gguf(models_dir, tmp_path):
+    """`merge_delta`'s marker goes into the file's metadata, so the 7B adapter's vanilla-base warning stays quiet."""
+    base = shutil.copytree(models_dir / "meta", tmp_path / "merged")
+    (base / BASE_MARKER).write_text('{"delta": "7B_chinese_delta"}')
+    assert base_marker(export_gguf(base, tmp_path / "merged.gguf", gguf_type="q8_0")) == '{"delta": "7B_chinese_delta"}'
+    assert base_marker(export_gguf(models_dir / "meta", tmp_path / "plain.gguf", gguf_type="q8_0")) is None

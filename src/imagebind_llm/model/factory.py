@@ -22,7 +22,7 @@ from imagebind_llm.hub import MODELS, NamedModel, default_cache_dir, fetch, read
 from imagebind_llm.hub.files import atomic_files, make_dir, refuse_overwrite
 from imagebind_llm.llm.config import LLMConfig
 from imagebind_llm.llm.tokenizer import load_tokenizer
-from imagebind_llm.llm.weights import load_llm
+from imagebind_llm.llm.weights import BASE_MARKER, base_marker, load_llm
 from imagebind_llm.llm.weights.meta import meta_shards
 from imagebind_llm.model.config import DTYPES, AdapterConfig, ModelSpec
 from imagebind_llm.model.convert import (
@@ -33,7 +33,6 @@ from imagebind_llm.model.imagebind_llm import ImageBindLLM
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-BASE_MARKER = "imagebind_llm_base.json"  # written by `merge_delta` next to a merged base
 CONFIG_FILE, ADAPTER_FILE = "config.json", "adapter.safetensors"  # our folder format
 
 # A small ImageBind (official architecture, reduced widths/depths) for the embedded demo and smoke runs;
@@ -103,7 +102,7 @@ def _apply_named(spec: ModelSpec) -> ModelSpec:
         if llm is None:
             raise ValueError(f"{named.name} is built on Meta's LLaMA-7B, which cannot be downloaded: pass its folder "
                              "(params.json + consolidated.00.pth), e.g. --model llama_dir/7B")
-        if named.delta is not None and not (Path(llm) / BASE_MARKER).is_file():
+        if named.delta is not None and base_marker(llm) is None:
             llm = _merged_base(Path(llm), named)
     return spec.replace(
         name=None, llm=llm, adapter=spec.adapter if spec.adapter is not None else named.adapter,
@@ -184,7 +183,7 @@ def _warn_if_vanilla_base(llm_path: Path, adapter: Mapping[str, torch.Tensor], l
     stage2 = any("lora" in k for k in adapter)
     llama_7b = LLMConfig.from_name("llama-7b")
     if stage2 and (llm_config.dim, llm_config.n_layers) == (llama_7b.dim, llama_7b.n_layers) \
-            and not (llm_path / BASE_MARKER).is_file():
+            and base_marker(llm_path) is None:
         logger.warning(
             "the released 7B.pth was fine-tuned on Open-Chinese-LLaMA-7B; on vanilla LLaMA-7B it answers with "
             "meaningless text. Build the base with `imagebind-llm merge-delta --base llama_dir/7B "

@@ -27,16 +27,18 @@ from ..config import LLMConfig
 from ..model import Transformer
 from ..tokenizer import GGUF_TOKENIZER_TYPES, BaseTokenizer, HFTokenizer, load_tokenizer
 from .common import CheckpointMismatchError, SourceTensor, WeightsFormatError, build_model
-from .gguf import find_default_gguf, load_gguf
+from .gguf import find_default_gguf, load_gguf, metadata_value
 from .hf import hf_tensors, load_hf_state_dict
 from .meta import SHARD_GLOB, load_meta_state_dict, meta_tensors
 from .quantize import QUANT_TYPES, QuantizeReport, block_type, check_quantize, quantized_weight
 
 __all__ = [
+    "BASE_MARKER",
     "CheckpointMismatchError",
     "LoadedLLM",
     "QUANT_TYPES",
     "WeightsFormatError",
+    "base_marker",
     "detect_format",
     "load_hf_state_dict",
     "load_llm",
@@ -47,6 +49,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 FORMATS = ("gguf", "hf", "meta")
+BASE_MARKER = "imagebind_llm_base.json"  # `merge_delta` writes it beside the base it merged
+GGUF_BASE_KEY = "imagebind_llm.base"  # `export_gguf` copies the marker into the file's metadata under this key
 _EXPECTED = (
     "a .gguf file; a Hugging Face directory with config.json and *.safetensors; "
     "or a Meta directory with params.json and consolidated.00.pth"
@@ -97,6 +101,16 @@ def detect_format(path: str | Path) -> str:
         hint = f"; this looks like a Meta llama_dir: pass one of its model folders, e.g. {path / sorted(subdirs)[0]}"
     shown = ", ".join(found[:12]) + (f", ... ({len(found)} entries)" if len(found) > 12 else "")
     raise WeightsFormatError(f"{path} holds no supported weights (found: {shown or 'nothing'}); expected {_EXPECTED}{hint}")
+
+
+def base_marker(path: str | Path) -> str | None:
+    """What `merge_delta` recorded about the base LLM at ``path`` (its marker file beside the weights, or the
+    metadata value in a GGUF file exported from such a folder), or None for a base it did not make."""
+    path = Path(path)
+    if path.is_dir():
+        marker = path / BASE_MARKER
+        return marker.read_text(encoding="utf-8") if marker.is_file() else None
+    return metadata_value(path, GGUF_BASE_KEY) if path.is_file() and path.suffix.lower() == ".gguf" else None
 
 
 def _meta_tokenizer(path: Path) -> BaseTokenizer:

@@ -32,7 +32,7 @@ from imagebind_llm.hub.files import atomic_write, make_dir, refuse_overwrite
 
 from ..config import LLMConfig
 from ..tokenizer import BaseTokenizer, HFTokenizer, SentencePieceTokenizer
-from . import detect_format, read_checkpoint
+from . import GGUF_BASE_KEY, base_marker, detect_format, read_checkpoint
 from .common import SourceTensor, expected_shapes, invert, map_key
 from .gguf import GGUF_TO_OURS
 from .quantize import GGUF_TYPES, QuantizeReport, block_type, quantize_tensor
@@ -91,6 +91,8 @@ def export_gguf(model: str | Path, out: str | Path, *, gguf_type: str = "q4_1", 
         writer = gguf.GGUFWriter(tmp, "llama")
         try:
             _add_hyper_parameters(writer, config, model, gguf_type)
+            if (marker := base_marker(model)) is not None:  # a merged base stays recognisable as one
+                writer.add_string(GGUF_BASE_KEY, marker)
             for key, value in vocabulary.items():
                 writer.add_key_value(key, *value)
             for t in tensors:

@@ -98,6 +98,12 @@ def _open(path: str | Path) -> gguf.GGUFReader:
         raise WeightsFormatError(f"{path} is not a readable GGUF file ({e}); pass a .gguf file written by llama.cpp") from e
 
 
+def metadata_value(path: str | Path, key: str) -> Any:
+    """The value of one metadata ``key`` of the GGUF file ``path`` (None when absent)."""
+    field = _open(path).get_field(key)
+    return None if field is None else field.contents()
+
+
 def _metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
     return {name: field.contents() for name, field in reader.fields.items()}
 
