@@ -236,8 +236,11 @@ def test_cli_prints_the_bind_config(tmp_path, capsys):
 # -------------------------------------------------------------------- two processes
 WORKER = """
 import sys, json
-from imagebind_llm.train import bind, load_config
-result = bind.run(load_config("bind", overrides=json.loads(sys.argv[1])))
+from imagebind_llm.train import bind, distributed, load_config
+try:
+    result = bind.run(load_config("bind", overrides=json.loads(sys.argv[1])))
+finally:
+    distributed.teardown()  # as the CLI does: gloo aborts a process that exits with its group alive
 if result.exports:
     open(sys.argv[2], "w").write(json.dumps({"losses": result.losses, "metrics": result.metrics}))
 """

@@ -48,8 +48,11 @@ def config_file(data: Path, out: Path, **extra) -> Path:
 
 WORKER = """
 import sys, json
-from imagebind_llm.train import load_config, stage2
-result = stage2.run(load_config(2, sys.argv[1]))
+from imagebind_llm.train import distributed, load_config, stage2
+try:
+    result = stage2.run(load_config(2, sys.argv[1]))
+finally:
+    distributed.teardown()
 if result.exports:
     open(sys.argv[2], "w").write(json.dumps(result.losses))
 """
