@@ -98,7 +98,7 @@ def test_binds_text_to_a_frozen_vision_tower_far_above_chance(tiny, tmp_path):
 
     exported = load_official(result.exports["weights"], result.exports["config"])
     inputs = toy_inputs()
-    ours, theirs = embed(result.encoder, inputs), embed(exported, inputs)
+    ours, theirs = embed(result.model, inputs), embed(exported, inputs)
     for name in inputs:
         torch.testing.assert_close(theirs[name], ours[name], rtol=0, atol=0)
     initial = embed(load_official(tiny["weights"], tiny["config"]), inputs)
@@ -110,7 +110,7 @@ def test_lora_trains_only_lora_and_exports_merged_weights(tiny, tmp_path):
     extra = {"bind.mode": "lora", "bind.imagebind": tiny["weights"], "bind.lora_rank": 4,
              "bind.learn_temperature": "false", "train.epochs": 1, "data.generator_train": 32, "data.generator_eval": 0}
     result = bind.run(load_config("bind", overrides=overrides(tiny, tmp_path, **extra)))
-    encoder = result.encoder
+    encoder = result.model
     trainable = {n for n, p in encoder.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in n and n.startswith("towers.text.") for n in trainable)
     loras = [m for m in encoder.towers["text"].modules() if isinstance(m, LoRALinear)]

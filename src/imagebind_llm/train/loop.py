@@ -186,10 +186,11 @@ def cache_retrieve(cfg: ModelSection, model: ImageBindLLM, encoder: str) -> Retr
 # -------------------------------------------------------------------- the loop
 @dataclass
 class TrainResult:
-    """What a run did: ``losses`` of the optimiser steps it ran (from ``start_step`` on), ``lrs`` likewise,
-    the step it stopped at, and where it wrote the checkpoint and exports (main process)."""
+    """What a run did: the trained ``model`` (`ImageBindLLM`; `train bind`: the `ImageBind` encoder), ``losses`` of
+    the optimiser steps it ran (from ``start_step`` on), ``lrs`` likewise, the step it stopped at, and where it
+    wrote the checkpoint and exports (main process)."""
 
-    model: ImageBindLLM
+    model: nn.Module
     start_step: int
     step: int
     losses: list[float] = field(default_factory=list)

@@ -46,7 +46,7 @@ from imagebind_llm.train.config import BindConfig, BindSection
 from imagebind_llm.train.contrastive import LogitScale, gather, info_nce, retrieval_recalls
 from imagebind_llm.train.data import batch_order, steps_per_epoch
 from imagebind_llm.train.logging import ProgressLogger
-from imagebind_llm.train.loop import check_output_dir, train_step
+from imagebind_llm.train.loop import TrainResult, check_output_dir, train_step
 from imagebind_llm.train.optim import build_optimizer, scaled_lr
 from imagebind_llm.train.pairs import FEATURES, PairDataset, collate_pairs, generated_pairs, load_item, read_pairs
 from imagebind_llm.train.schedule import WarmupCosine
@@ -248,24 +248,13 @@ def _anchor_name(bind: BindSection) -> str:
 
 # -------------------------------------------------------------------- the loop
 @dataclass
-class BindResult:
-    """What a run did: losses and lrs of the steps it ran, the last evaluation (``metrics``), the step it
-    stopped at, the checkpoint and the exported encoder (main process)."""
+class BindResult(TrainResult):
+    """A `TrainResult` whose ``model`` is the trained `ImageBind`, with the last evaluation (``metrics``)."""
 
-    encoder: ImageBind
-    start_step: int
-    step: int
-    losses: list[float] = field(default_factory=list)
-    lrs: list[float] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
-    checkpoint: Path | None = None
-    exports: dict[str, Path] = field(default_factory=dict)
-    records: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
-        return {"step": self.step, "final_loss": self.losses[-1] if self.losses else None, "metrics": self.metrics,
-                "checkpoint": str(self.checkpoint) if self.checkpoint else None,
-                "exports": {k: str(v) for k, v in self.exports.items()}}
+        return {**super().summary(), "metrics": self.metrics}
 
 
 def run(config: BindConfig, resume: str | Path | None = None, *, overwrite: bool = False) -> BindResult:
@@ -312,7 +301,7 @@ def run(config: BindConfig, resume: str | Path | None = None, *, overwrite: bool
         if step >= stop:
             raise ValueError(f"the checkpoint of {resume} is at step {step} and this run stops at step {stop}: "
                              "nothing to train; raise train.epochs or train.max_steps")
-    result = BindResult(encoder=encoder, start_step=step, step=step)
+    result = BindResult(model=encoder, start_step=step, step=step)
     logger = ProgressLogger(run_cfg.output_dir, stop, step, log_every=run_cfg.log_every, enabled=distributed.is_main(),
                             progress=run_cfg.progress, tensorboard=run_cfg.tensorboard)
     set_modes(step_module, bind)
