@@ -4,9 +4,10 @@ All read the same weights, by default the bundled SmolLM2-135M-Instruct GGUF (Q4
 tied embedding; ``--model`` for another file):
 
 * ``ours``: our decoder as `load_gguf` builds it by default, the projections kept in their Q4_1/Q8_0
-  blocks and multiplied by the compiled kernels (float32 activations and accumulation);
-* ``ours int8``: the same with the kernels rounding activations to int8 per 32-block
-  (`kernels.set_int8_activations`, as llama.cpp does);
+  blocks and multiplied by the compiled kernels (float32 accumulation; float32 activations, or int8 per
+  32-block for weights at least `kernels.INT8_AUTO_MIN_K` inputs wide, as llama.cpp does);
+* ``ours int8``: the same with the kernels rounding every activation to int8 per 32-block
+  (`kernels.set_int8_activations(True)`);
 * ``ours dense``: our decoder with every tensor dequantised to float32 (``quantized=False``);
 * ``llama.cpp``: llama-cpp-python on the same file, in a worker process (`common.LlamaPeer`): the rows
   of a batch decoded together as one sequence each, greedy on its logits, its extra weight buffers off
@@ -182,6 +183,7 @@ def main() -> None:
                           extra_bufts=args.llama_extra_bufts, env=env)
 
     def run_ours(model: nn.Module, batch: int, new: int, int8: bool) -> tuple[float, list[list[int]]]:
+        setting = kernels.int8_activations()
         if int8:
             kernels.set_int8_activations(True)
         try:
@@ -190,8 +192,7 @@ def main() -> None:
                                    stop_token_ids=[eos], compile=args.compile)
             return time.perf_counter() - start, [c.tokens for c in completions]
         finally:
-            if int8:
-                kernels.set_int8_activations(False)
+            kernels.set_int8_activations(setting)
 
     @torch.inference_mode()
     def run_hf(model: nn.Module, batch: int, new: int) -> tuple[float, list[list[int]]]:

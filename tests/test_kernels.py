@@ -5,6 +5,7 @@ an int8-activation product computed in float64, and torch's rotary + attention; 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import subprocess
 import sys
 import threading
@@ -133,6 +134,31 @@ def test_int8_products_are_the_int8_algorithm_and_within_the_rounding_bound(fmt,
     step = (x.view(rows, -1, 32).abs().amax(-1) / 254).repeat_interleave(32, 1).double()
     bound = step @ dense(w).abs().T
     assert bool(((got - x.double() @ dense(w).T).abs() <= bound * (1 + 1e-4) + 1e-4).all())
+
+
+@pytest.mark.parametrize("k", [kernels.INT8_AUTO_MIN_K - 32, kernels.INT8_AUTO_MIN_K])
+def test_auto_rounds_activations_to_int8_only_for_wide_weights(k):
+    kernels.set_int8_activations(None)
+    w = random_weight("q4_1", 19, k, offsets=True, seed=k)
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(k))
+    got = kernels.matmul_function(*w.kernel_args())(x).double()
+    fused = kernels.fused_matmul_function([w.kernel_args()])(x)[0].double()
+    truth = int8_truth(x, w) if k >= kernels.INT8_AUTO_MIN_K else x.double() @ dense(w).T
+    torch.testing.assert_close(got, truth, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(fused, truth, rtol=1e-5, atol=1e-4)
+    assert kernels.int8_activations() is None
+
+
+def test_the_environment_variable_selects_the_int8_setting():
+    code = "from imagebind_llm.llm import kernels; print(kernels.int8_activations())"
+    seen = {}
+    for value in ("1", "0", "auto", "bogus"):
+        env = {**os.environ, kernels.INT8_ENV: value}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        seen[value] = out.stdout.strip()
+        if value == "bogus":
+            assert "expected 1, 0 or auto" in out.stderr
+    assert seen == {"1": "True", "0": "False", "auto": "None", "bogus": "None"}
 
 
 @pytest.mark.parametrize("int8", [False, True])
