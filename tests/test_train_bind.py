@@ -215,6 +215,8 @@ def test_cached_anchor_features_train_like_the_live_anchor(tiny, tmp_path):
     (["bind.tower={vision_width: 3}"], "unknown ImageBindConfig fields"),
     (["data.train=[a.jsonl]"], "exactly one of data.train"),
     (["bind.tower=3"], "bind.tower must be a mapping"),
+    (["data.group_size=3"], "multiple of data.group_size=3"),
+    (["data.group_size=0"], "data.group_size must be > 0"),
 ])
 def test_bad_bind_configs_name_the_key(setting, message):
     with pytest.raises(ConfigError, match=message):

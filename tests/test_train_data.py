@@ -179,6 +179,21 @@ def test_processes_see_the_chunks_of_one_process_with_accumulation():
     assert single != list(batch_order(20, batch_size=2, world_size=1, rank=0, accum_iter=2, seed=1, epoch=4))
 
 
+def test_groups_stay_together_in_one_batch():
+    batches = [list(batch_order(23, batch_size=4, world_size=1, rank=0, accum_iter=1, seed=1, epoch=e, group=2))
+               for e in (0, 1)]
+    for epoch in batches:
+        assert len(epoch) == 5  # 11 whole groups of 2 (row 22 is a partial group), 2 per batch
+        rows = [[i for _, i in b] for b in epoch]
+        assert all(r[k] % 2 == 0 and r[k + 1] == r[k] + 1 for r in rows for k in (0, 2))
+        assert len({i for r in rows for i in r}) == 20 and max(i for r in rows for i in r) < 22
+    assert batches[0] != batches[1]
+    assert list(batch_order(20, batch_size=2, world_size=1, rank=0, accum_iter=1, seed=1, epoch=0, group=1)) \
+        == list(batch_order(20, batch_size=2, world_size=1, rank=0, accum_iter=1, seed=1, epoch=0))
+    with pytest.raises(ValueError, match="multiple of the group size 3"):
+        next(batch_order(20, batch_size=4, world_size=1, rank=0, accum_iter=1, seed=1, epoch=0, group=3))
+
+
 def test_config_defaults_overrides_and_errors(tmp_path):
     stage1_cfg, stage2_cfg = load_config(1), load_config(2)
     assert (stage1_cfg.optim.blr, stage1_cfg.optim.weight_decay, stage1_cfg.data.max_words) == (1e-4, 0.05, 96)

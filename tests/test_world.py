@@ -72,6 +72,44 @@ def test_heldout_pairs_never_occur_in_training(world):
     assert not named((world / "train/captions.tsv").read_text() + (world / "train/instructions.json").read_text())
 
 
+def _differences(a: Scene, b: Scene) -> list[str]:
+    """What tells two scenes apart, read from their graphs: ``shape`` per shape whose kind alone differs,
+    ``word``, ``digit``, or ``other`` for anything else."""
+    found = ["shape" for x, y in zip(a.shapes, b.shapes) if x != y and x.shape != y.shape
+             and (x.colour, x.size, x.cell, x.offset) == (y.colour, y.size, y.cell, y.offset)]
+    if len(a.shapes) != len(b.shapes) or sum(x != y for x, y in zip(a.shapes, b.shapes)) != len(found):
+        found.append("other")
+    if a.sign != b.sign:
+        same_place = a.sign and b.sign and (a.sign.cell, a.sign.font) == (b.sign.cell, b.sign.font)
+        found.append("word" if same_place and a.sign.word != b.sign.word else "other")
+    if a.digit != b.digit:
+        same_place = a.digit and b.digit and a.digit.cell == b.digit.cell
+        found.append("digit" if same_place and a.digit.value != b.digit.value else "other")
+    return found + ["other"] * (a.background != b.background)
+
+
+def test_variants_are_families_of_one_change_that_keep_the_heldout_pairs_out(tmp_path):
+    pairs = heldout_pairs(np.random.default_rng(3))
+    held, changes = set(pairs), []
+    for first in range(0, 4 * 60, 4):
+        base = make_scene(3, "train", first, pairs, variants=4)
+        assert base == make_scene(3, "train", first, pairs)  # the first of a family is the plain scene
+        for index in range(first + 1, first + 4):
+            record = make_scene(3, "train", index, pairs, variants=4)
+            diff = _differences(base.scene, record.scene)
+            assert len(diff) == 1 and diff[0] != "other", (base.scene, record.scene)
+            assert not record.scene.pairs & held and record.caption != base.caption
+            assert all(qa.answer == _oracle(record.scene, qa.question) for qa in record.qas if qa.kind != "description")
+            changes += diff
+    assert {"shape", "word", "digit"} <= set(changes)
+    out = generate(tmp_path / "v", seed=3, train=8, heldout=2, audio=False, variants=4)
+    rows = [json.loads(line) for line in (out / "train/pairs_vision_text.jsonl").read_text().splitlines()]
+    info = json.loads((out / "world.json").read_text())
+    pairs = [tuple(p) for p in info["heldout_pairs"]]
+    assert [r["text"] for r in rows] == [make_scene(3, "train", i, pairs, variants=4).caption for i in range(8)]
+    assert info["train_variants"] == 4
+
+
 # ------------------------------------------------------------------------------------------ answers
 def _oracle(scene: Scene, question: str) -> str:
     """The answer to a generated question, read from the scene graph independently of the generator."""
@@ -273,6 +311,7 @@ def test_command_errors_are_one_line(capsys, tmp_path):
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
     assert "train must be an integer >= 1" in _error(capsys, [*base, "--train", "0", "--out", str(tmp_path / "w")])
     assert "points must be an integer >= 0" in _error(capsys, [*base, "--points", "-1", "--out", str(tmp_path / "w")])
+    assert "variants must be an integer >= 1" in _error(capsys, [*base, "--variants", "0", "--out", str(tmp_path / "w")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "full"]  # nothing half-written
 
 

@@ -134,6 +134,7 @@ class PairDataSection:
     eval_every: int
     eval_batch_size: int
     num_workers: int
+    group_size: int = 1
 
 
 class _Sections:
@@ -281,7 +282,7 @@ _CHOICES = {"data.text_only": ("no_injection", "zero_image"), "train.precision":
 _POSITIVE = ("model.max_seq_len", "model.lora_rank", "model.inject_layers", "data.max_words", "optim.lr",
              "optim.blr", "optim.eps", "optim.clip_grad", "optim.accum_iter", "train.epochs", "train.batch_size",
              "train.max_steps", "train.save_every", "train.log_every", "bind.lora_rank", "bind.temperature",
-             "data.generator_train", "data.eval_every", "data.eval_batch_size")
+             "data.generator_train", "data.eval_every", "data.eval_batch_size", "data.group_size")
 _NON_NEGATIVE = ("data.num_workers", "optim.min_lr", "optim.weight_decay", "optim.warmup_epochs",
                  "data.generator_eval")
 
@@ -361,6 +362,9 @@ def _check_bind(config: BindConfig) -> None:
     if bind.anchor_features is not None and (data.generator or bind.mode == "joint"):
         raise ConfigError("bind.anchor_features caches the anchor side of manifest data; it needs bind.anchor and "
                           "data.train (not data.generator)")
+    if config.train.batch_size % data.group_size:
+        raise ConfigError(f"train.batch_size={config.train.batch_size} must be a multiple of data.group_size="
+                          f"{data.group_size}, so that each group of rows shares a batch")
     if config.optim.accum_iter != 1:
         raise ConfigError("train bind needs optim.accum_iter=1: accumulated micro-batches would not see each "
                           "other's negatives; raise train.batch_size or the number of processes instead")

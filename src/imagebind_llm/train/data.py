@@ -357,21 +357,28 @@ def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 # -------------------------------------------------------------------- order
 def batch_order(n: int, *, batch_size: int, world_size: int, rank: int, accum_iter: int, seed: int,
-                epoch: int, start_step: int = 0) -> Iterator[list[tuple[int, int]]]:
+                epoch: int, start_step: int = 0, group: int = 1) -> Iterator[list[tuple[int, int]]]:
     """This process's micro-batches of ``epoch`` from optimiser step ``start_step`` on.
 
     Every epoch is a seeded permutation shared by all processes, cut into global batches of
     ``batch_size * world_size * accum_iter`` (the incomplete tail is dropped). Micro-batch ``a`` of
     process ``r`` is chunk ``a * world_size + r`` of the global batch, so one process with
     ``accum_iter = k`` sees exactly the chunks that ``k`` processes see, in the same grouping.
+    ``group > 1``: examples ``[g * group, (g + 1) * group)`` move together (the permutation is of whole
+    groups, a tail shorter than a group is dropped), so each group lands in one micro-batch when
+    ``batch_size`` is a multiple of ``group``: e.g. a scene and its counterfactuals as one another's
+    hard negatives.
     """
     chunk = batch_size
     global_batch = chunk * world_size * accum_iter
-    steps = n // global_batch
+    if group < 1 or batch_size % group:
+        raise ValueError(f"batch_size {batch_size} must be a multiple of the group size {group}")
+    steps = steps_per_epoch(n, batch_size, world_size, accum_iter, group)
     if steps == 0:
         raise ValueError(f"{n} examples do not fill one global batch of {global_batch} "
                          f"(batch_size {batch_size} x {world_size} processes x accum_iter {accum_iter})")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(_rng_seed(seed, epoch))).tolist()
+    groups = torch.randperm(n // group, generator=torch.Generator().manual_seed(_rng_seed(seed, epoch)))
+    perm = (groups[:, None] * group + torch.arange(group)).flatten().tolist()
     for step in range(start_step, steps):
         base = step * global_batch
         for a in range(accum_iter):
@@ -379,5 +386,5 @@ def batch_order(n: int, *, batch_size: int, world_size: int, rank: int, accum_it
             yield [(epoch, i) for i in perm[start : start + chunk]]
 
 
-def steps_per_epoch(n: int, batch_size: int, world_size: int, accum_iter: int) -> int:
-    return n // (batch_size * world_size * accum_iter)
+def steps_per_epoch(n: int, batch_size: int, world_size: int, accum_iter: int, group: int = 1) -> int:
+    return n // group * group // (batch_size * world_size * accum_iter)

@@ -12,6 +12,9 @@ and a tiny ImageBind-LLM, and evaluates them MME-style on colour-shape pairs tra
   rotated and scaled, each paired with a shaded 224 x 224 render of the same posed solid.
 - Held out: one shape per colour (8 colour-shape pairs, drawn from the seed) never occurs in training; each
   held-out scene holds one of them. Held-out digits are handwriting scans training never uses.
+- Hard negatives (``variants=N``): training scenes come in families of N, a scene and its counterfactuals (one
+  shape's kind, the sign's word or the digit changed), consecutive in every file; ``train bind`` keeps each
+  family in one batch with ``data.group_size=N``, so the contrastive loss needs shapes and reading.
 
 Folder layout written by `generate` (``imagebind-llm world generate``); paths inside files are relative to the
 file's own split folder (use it as ``data.image_root`` for training)::
@@ -54,13 +57,13 @@ from .audio import SAMPLE_RATE, SPEEDS, VOICES, espeak_missing, speak, write_wav
 from .language import MME_SUBTASKS, QA, caption, description, mme_pair, open_questions, questions
 from .points import POINTS_PER_CLOUD, PRIMITIVES, Solid, point_cloud, render_primitive, sample_solid, surface
 from .scene import (COLOURS, POSITIONS, SHAPES, SIZES, WORDS, Digit, Scene, Shape, Sign, WorldError, all_pairs,
-                    digit_scans, heldout_pairs, render_scene, sample_scene)
+                    counterfactual, digit_scans, heldout_pairs, render_scene, sample_scene)
 from .write import generate, make_scene
 
 __all__ = [
     "COLOURS", "MME_SUBTASKS", "POINTS_PER_CLOUD", "POSITIONS", "PRIMITIVES", "QA", "SAMPLE_RATE", "SHAPES", "SIZES",
     "SPEEDS", "VOICES", "WORDS", "Digit", "Scene", "Shape", "Sign", "Solid", "WorldError", "all_pairs", "caption",
-    "description", "digit_scans", "espeak_missing", "generate", "heldout_pairs", "make_scene", "mme_pair",
+    "counterfactual", "description", "digit_scans", "espeak_missing", "generate", "heldout_pairs", "make_scene", "mme_pair",
     "open_questions", "point_cloud", "questions", "render_primitive", "render_scene", "sample_scene",
     "sample_solid", "speak", "surface", "write_wav",
 ]

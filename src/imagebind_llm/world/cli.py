@@ -33,6 +33,9 @@ def add_world_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     g.add_argument("--points", type=int, default=0, help="training point clouds with their renders (0: none)")
     g.add_argument("--heldout-points", type=int, help="held-out point clouds (default: max(6, points / 4) with "
                    "--points, else 0)")
+    g.add_argument("--variants", type=int, default=1, help="training scenes in families of this many: a scene and "
+                   "its counterfactuals (one shape kind, the sign's word or the digit changed), consecutive, as hard "
+                   "negatives for `train bind --set data.group_size=N`")
     g.add_argument("--workers", type=int, help="parallel espeak-ng processes (default: the CPU count)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing world folder at --out")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -44,7 +47,7 @@ def run_generate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     out = generate(args.out, seed=args.seed, train=args.train, heldout=args.heldout, audio=args.audio,
                    points=args.points, heldout_points=args.heldout_points, overwrite=args.overwrite,
-                   workers=args.workers, progress=not args.no_progress)
+                   workers=args.workers, progress=not args.no_progress, variants=args.variants)
     counts = json.loads((out / "world.json").read_text())["counts"]
     print(json.dumps({"out": str(out), "seconds": round(time.perf_counter() - start, 1), "counts": counts}))
     return 0

@@ -8,7 +8,7 @@ pixels, so answers are right by construction.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -169,6 +169,29 @@ def sample_scene(rng: np.random.Generator, exclude: frozenset[tuple[str, str]] =
         digit = Digit(int(digit_scans()[1][index]), index, cells[-1])
     return Scene(tuple(sorted(shapes, key=lambda s: s.cell)), background, sign, digit)
 
+
+def counterfactual(scene: Scene, rng: np.random.Generator, exclude: frozenset[tuple[str, str]] = frozenset(),
+                   heldout: bool = False) -> Scene:
+    """``scene`` with exactly one thing changed that colours, sizes and places do not tell apart: the kind of
+    one shape (its colour, size and place kept; never a pair of ``exclude``), the sign's word, or the digit
+    (another scan of another value). Scenes and their counterfactuals in one contrastive batch are one
+    another's hard negatives: the loss then needs shapes and reading, which random batches never ask for."""
+    options: list[int | str] = [i for i, s in enumerate(scene.shapes)
+                                if any(k != s.shape and (s.colour, k) not in exclude for k in SHAPES)]
+    options += ["text"] if scene.sign is not None or scene.digit is not None else []
+    choice = options[int(rng.integers(len(options)))]
+    if choice == "text" and scene.sign is not None:
+        word = str(rng.choice([w for w in WORDS if w != scene.sign.word]))
+        return replace(scene, sign=replace(scene.sign, word=word))
+    if choice == "text":
+        values = digit_scans()[1]
+        index = int(rng.choice([i for i in digit_indices(heldout) if values[i] != scene.digit.value]))
+        return replace(scene, digit=Digit(int(values[index]), index, scene.digit.cell))
+    old = scene.shapes[choice]
+    kinds = [k for k in SHAPES if k != old.shape and (old.colour, k) not in exclude]
+    shapes = list(scene.shapes)
+    shapes[choice] = replace(old, shape=str(rng.choice(kinds)))
+    return replace(scene, shapes=tuple(shapes))
 
 # ------------------------------------------------------------------------------------------ rendering
 def cell_centre(cell: int) -> tuple[float, float]:

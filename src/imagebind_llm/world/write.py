@@ -24,12 +24,13 @@ from .audio import SAMPLE_RATE, SPEEDS, VOICES, espeak_missing, speak, write_wav
 from .language import MME_SUBTASKS, QA, caption, mme_pair, questions
 from .points import POINTS_PER_CLOUD, PRIMITIVES, point_cloud, render_primitive, sample_solid
 from .scene import (COLOURS, DIGIT_HELDOUT_EVERY, FONTS, IMAGE_SIZE, POSITIONS, SHAPES, SIZES, WORDS, Scene,
-                    WorldError, digit_indices, digit_scans, font, heldout_pairs, render_scene, sample_scene)
+                    WorldError, counterfactual, digit_indices, digit_scans, font, heldout_pairs, render_scene,
+                    sample_scene)
 
 log = logging.getLogger(__name__)
 
 SPLITS = {"train": 0, "heldout": 1}
-SCENE_STREAM, CLOUD_STREAM, PAIRS_STREAM = 0, 1, 2
+SCENE_STREAM, CLOUD_STREAM, PAIRS_STREAM, VARIANT_STREAM = 0, 1, 2, 3
 HELDOUT_TEXT = ("none", "sign", "none", "digit")  # held-out scene i: text HELDOUT_TEXT[i % 4], 1 + i % 3 shapes
 FORMAT = 1
 
@@ -47,12 +48,17 @@ class SceneRecord:
     speed: int
 
 
-def make_scene(seed: int, split: str, index: int, pairs: list[tuple[str, str]]) -> SceneRecord:
+def make_scene(seed: int, split: str, index: int, pairs: list[tuple[str, str]], variants: int = 1) -> SceneRecord:
     """Scene ``index`` of ``split``: training scenes never hold a pair of ``pairs``; held-out scene ``i`` holds
-    ``pairs[i % len(pairs)]`` as its only shape of that kind."""
-    rng = np.random.default_rng([seed, SPLITS[split], SCENE_STREAM, index])
+    ``pairs[i % len(pairs)]`` as its only shape of that kind. ``variants > 1`` (training scenes): scenes come in
+    families of that many, the first a new scene and each other one its `counterfactual`."""
+    first = index - index % variants
+    rng = np.random.default_rng([seed, SPLITS[split], SCENE_STREAM, first])
     if split == "train":
         scene = sample_scene(rng, exclude=frozenset(pairs))
+        if index != first:
+            rng = np.random.default_rng([seed, SPLITS[split], VARIANT_STREAM, index])
+            scene = counterfactual(scene, rng, exclude=frozenset(pairs))
     else:
         scene = sample_scene(rng, require=pairs[index % len(pairs)], n_shapes=1 + index % 3,
                              text=HELDOUT_TEXT[index % len(HELDOUT_TEXT)], heldout=True)
@@ -143,12 +149,12 @@ def _write_clouds(folder: Path, seed: int, split: str, count: int, progress: boo
 
 
 def write_split(folder: Path, seed: int, split: str, count: int, pairs: list[tuple[str, str]], audio: bool,
-                clouds: int, workers: int, progress: bool) -> dict[str, Any]:
+                clouds: int, workers: int, progress: bool, variants: int = 1) -> dict[str, Any]:
     """One split's files under ``folder``; returns its counts for ``world.json``."""
     (folder / "scenes").mkdir(parents=True)
     records = []
     for index in tqdm(range(count), desc=f"{split} scenes", disable=not progress):
-        record = make_scene(seed, split, index, pairs)
+        record = make_scene(seed, split, index, pairs, variants)
         render_scene(record.scene).save(folder / "scenes" / f"{record.name}.png")
         records.append(record)
     _write_jsonl(folder / "scenes.jsonl", [scene_json(r) for r in records])
@@ -205,7 +211,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 def generate(out: str | Path, seed: int = 0, train: int = 1000, heldout: int = 200, audio: bool = True,
              points: int = 0, heldout_points: int | None = None, overwrite: bool = False, workers: int | None = None,
-             progress: bool = False) -> Path:
+             progress: bool = False, variants: int = 1) -> Path:
     """Write a world folder at ``out``; returns its path.
 
     Args:
@@ -216,6 +222,9 @@ def generate(out: str | Path, seed: int = 0, train: int = 1000, heldout: int = 2
         heldout_points: held-out clouds (default: ``max(6, points // 4)`` when ``points``, else 0).
         overwrite: replace an existing world folder at ``out``.
         workers: parallel espeak-ng processes (default: the CPU count).
+        variants: training scenes come in families of this many, a scene and its counterfactuals (each
+            with one shape kind, the sign's word or the digit changed), consecutive in every file, for
+            hard-negative batches (``train bind`` with ``data.group_size`` = ``variants``).
 
     Raises:
         WorldError: bad counts, an ``out`` that exists (without ``overwrite``) or is no world folder, a missing
@@ -225,7 +234,7 @@ def generate(out: str | Path, seed: int = 0, train: int = 1000, heldout: int = 2
         heldout_points = max(len(PRIMITIVES), points // 4) if points else 0
     workers = (os.cpu_count() or 1) if workers is None else workers
     for name, value, low in (("seed", seed, 0), ("train", train, 1), ("heldout", heldout, 1), ("points", points, 0),
-                             ("heldout_points", heldout_points, 0), ("workers", workers, 1)):
+                             ("heldout_points", heldout_points, 0), ("workers", workers, 1), ("variants", variants, 1)):
         if not isinstance(value, int) or value < low:
             raise WorldError(f"{name} must be an integer >= {low}, got {value!r}")
     _check_resources(audio)
@@ -237,9 +246,10 @@ def generate(out: str | Path, seed: int = 0, train: int = 1000, heldout: int = 2
     try:
         tmp.mkdir()
         pairs = heldout_pairs(np.random.default_rng([seed, PAIRS_STREAM]))
-        counts = {split: write_split(tmp / split, seed, split, n, pairs, audio, clouds, workers, progress)
+        counts = {split: write_split(tmp / split, seed, split, n, pairs, audio, clouds, workers, progress,
+                                     variants if split == "train" else 1)
                   for split, n, clouds in (("train", train, points), ("heldout", heldout, heldout_points))}
-        (tmp / "world.json").write_text(json.dumps(world_info(seed, counts, pairs), indent=1) + "\n")
+        (tmp / "world.json").write_text(json.dumps(world_info(seed, counts, pairs, variants), indent=1) + "\n")
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -259,10 +269,10 @@ def _replace(tmp: Path, out: Path) -> None:
     shutil.rmtree(old)
 
 
-def world_info(seed: int, counts: dict[str, Any], pairs: list[tuple[str, str]]) -> dict[str, Any]:
+def world_info(seed: int, counts: dict[str, Any], pairs: list[tuple[str, str]], variants: int = 1) -> dict[str, Any]:
     """The contents of ``world.json``: seed, counts, vocabularies and the held-out pairs."""
     return {
-        "format": FORMAT, "seed": seed, "counts": counts, "image_size": IMAGE_SIZE,
+        "format": FORMAT, "seed": seed, "counts": counts, "train_variants": variants, "image_size": IMAGE_SIZE,
         "shapes": list(SHAPES), "colours": list(COLOURS), "sizes": list(SIZES),
         "positions": [name for name, _ in POSITIONS], "words": list(WORDS),
         "heldout_pairs": [list(p) for p in pairs],

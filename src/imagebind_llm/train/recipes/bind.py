@@ -280,7 +280,7 @@ def run(config: BindConfig, resume: str | Path | None = None, *, overwrite: bool
     train_set, eval_set = datasets(config, step_module, device)
 
     torch.manual_seed(run_cfg.seed + rank)
-    per_epoch = steps_per_epoch(len(train_set), run_cfg.batch_size, world, 1)
+    per_epoch = steps_per_epoch(len(train_set), run_cfg.batch_size, world, 1, data.group_size)
     global_batch = run_cfg.batch_size * world
     if per_epoch == 0:
         raise ValueError(f"{len(train_set)} pairs do not fill one global batch of {global_batch} (train.batch_size "
@@ -309,7 +309,8 @@ def run(config: BindConfig, resume: str | Path | None = None, *, overwrite: bool
         while step < stop:
             epoch, in_epoch = divmod(step, per_epoch)
             order = batch_order(len(train_set), batch_size=run_cfg.batch_size, world_size=world, rank=rank,
-                                accum_iter=1, seed=run_cfg.seed, epoch=epoch, start_step=in_epoch)
+                                accum_iter=1, seed=run_cfg.seed, epoch=epoch, start_step=in_epoch,
+                                group=data.group_size)
             loader = iter(DataLoader(train_set, batch_sampler=list(order), collate_fn=collate_pairs,
                                      num_workers=data.num_workers, pin_memory=device.type == "cuda"))
             for in_epoch in range(in_epoch, per_epoch):
