@@ -267,3 +267,16 @@ def test_two_processes_match_one_process_at_the_same_global_batch(tiny, tmp_path
     b = torch.load(single.exports["weights"], weights_only=True)
     for key, tensor in b.items():
         torch.testing.assert_close(a[key], tensor, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_the_log_line_reports_pairs_per_second_when_no_tokens_are_counted(tmp_path, caplog):
+    from imagebind_llm.train.logging import ProgressLogger
+    logger = ProgressLogger(tmp_path, 2, log_every=1, progress=False)
+    with caplog.at_level("INFO", logger="imagebind_llm.train.logging"):
+        logger.step(1, 0.5, 4.0, 1e-3, 64, 0)  # bind: pairs, no tokens
+        logger.step(2, 1.0, 3.0, 1e-3, 4, 100)  # the stages: tokens
+    logger.close()
+    first, second = (r.getMessage() for r in caplog.records if r.getMessage().startswith("step "))
+    assert "samples/s" in first and "tok/s" not in first and "tok/s" in second
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert records[0]["tokens_per_s"] == 0 and records[0]["samples_per_s"] > 0

@@ -224,6 +224,22 @@ def test_pair_manifests_and_zero_shot_sets(world):
         assert audio.classes == images.classes and len(audio.sources) == len(images.sources)
 
 
+def test_render_captions_and_questions_name_each_clouds_primitive(world):
+    heldout = world / "heldout"
+    labels = [row["label"] for row in map(json.loads, (heldout / "zeroshot_point.jsonl").read_text().splitlines())]
+    for split in ("train", "heldout"):
+        folder = world / split
+        captions = read_examples([folder / "render_captions.tsv"], image_root=folder)
+        chats = read_examples([folder / "render_instructions.json"], image_root=folder)
+        pairs = [json.loads(line) for line in (folder / "pairs_vision_point.jsonl").read_text().splitlines()]
+        assert [Path(ex.image) for ex in captions] == [Path(ex.image) for ex in chats] \
+            == [folder / row["vision"] for row in pairs]
+        names = [ex.captions[0].removeprefix("a 3D ") for ex in captions]
+        assert set(names) <= set(PRIMITIVES) and [ex.turns[0][1] for ex in chats] == [f"A {n}." for n in names]
+        if split == "heldout":
+            assert names == labels
+
+
 # ------------------------------------------------------------------------------------------ pieces
 def test_digits_are_real_sklearn_scans():
     from sklearn.datasets import load_digits

@@ -84,8 +84,9 @@ class ProgressLogger:
         if self.writer is not None:
             for key in ("loss", "lr", "tokens_per_s"):
                 self.writer.add_scalar(f"train/{key}", record[key], step)
-        log.info("step %d/%d epoch %.3f loss %.4f lr %.3e %.0f tok/s eta %.0f s", step, self.total, epoch,
-                 record["loss"], lr, record["tokens_per_s"], record["eta_s"])
+        rate, unit = (record["tokens_per_s"], "tok/s") if self._tokens else (record["samples_per_s"], "samples/s")
+        log.info("step %d/%d epoch %.3f loss %.4f lr %.3e %.0f %s eta %.0f s", step, self.total, epoch,
+                 record["loss"], lr, rate, unit, record["eta_s"])
         self._reset_window()
 
     def add(self, record: dict[str, Any]) -> None:

@@ -32,6 +32,8 @@ file's own split folder (use it as ``data.image_root`` for training)::
       points/NNNNNN.npy           clouds [8192, 3] float32, centred, largest radius 1 (with --points)
       renders/NNNNNN.png          the shaded render of each cloud's solid
       pairs_vision_point.jsonl    {"vision": "renders/x.png", "point": "points/x.npy"}
+      render_captions.tsv         stage 1 on the renders: columns image, caption ("a 3D torus")
+      render_instructions.json    stage 2 on the renders: "What object is this?" -> "A torus."
     heldout/ also:
       mme/<subtask>/images/NNNNNN.png, mme/<subtask>/questions_answers_YN/NNNNNN.txt
                                   MME layout for `imagebind-llm eval mme --data heldout/mme`: existence, count,

@@ -33,6 +33,7 @@ SPLITS = {"train": 0, "heldout": 1}
 SCENE_STREAM, CLOUD_STREAM, PAIRS_STREAM, VARIANT_STREAM = 0, 1, 2, 3
 HELDOUT_TEXT = ("none", "sign", "none", "digit")  # held-out scene i: text HELDOUT_TEXT[i % 4], 1 + i % 3 shapes
 FORMAT = 1
+RENDER_QUESTION = "What object is this?"
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,19 @@ def _write_clouds(folder: Path, seed: int, split: str, count: int, progress: boo
     return rows
 
 
+def _write_render_text(folder: Path, rows: list[dict[str, str]]) -> None:
+    """What the LLM may learn about the renders (images only: it never sees a point cloud): stage-1 captions
+    ``render_captions.tsv`` and stage-2 questions ``render_instructions.json`` naming each primitive."""
+    with open(folder / "render_captions.tsv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+        writer.writerow(["image", "caption"])
+        writer.writerows([r["vision"], f"a 3D {r['label']}"] for r in rows)
+    chats = [{"id": Path(r["vision"]).stem, "image": r["vision"], "conversations": [
+        {"from": "human", "value": f"<image>\n{RENDER_QUESTION}"}, {"from": "gpt", "value": f"A {r['label']}."}]}
+        for r in rows]
+    (folder / "render_instructions.json").write_text(json.dumps(chats, indent=1) + "\n", encoding="utf-8")
+
+
 def write_split(folder: Path, seed: int, split: str, count: int, pairs: list[tuple[str, str]], audio: bool,
                 clouds: int, workers: int, progress: bool, variants: int = 1) -> dict[str, Any]:
     """One split's files under ``folder``; returns its counts for ``world.json``."""
@@ -183,6 +197,7 @@ def write_split(folder: Path, seed: int, split: str, count: int, pairs: list[tup
     if clouds:
         rows = _write_clouds(folder, seed, split, clouds, progress)
         _write_jsonl(folder / "pairs_vision_point.jsonl", [{"vision": r["vision"], "point": r["point"]} for r in rows])
+        _write_render_text(folder, rows)
         if split == "heldout":
             _write_jsonl(folder / "zeroshot_point.jsonl", [{"point": r["point"], "label": r["label"]} for r in rows])
     counts["points"] = clouds
