@@ -41,6 +41,14 @@ def test_named_models_resolve_their_parts_and_explain_what_is_missing():
     assert demo.encoder is not None and not any(g.any() for g in demo.gates)  # the blind demo: zero gates
 
 
+def test_an_adapter_file_with_a_foreign_key_is_named_in_the_error(tmp_path):
+    state = torch.load(SMALL.adapter, weights_only=True)
+    state = state.get("model", state)
+    torch.save({"model": {**state, "visual_proj.weight": torch.zeros(2, 2)}}, tmp_path / "odd.pth")
+    with pytest.raises(CheckpointMismatchError, match=r"odd\.pth: unknown ImageBind-LLM checkpoint key 'visual_proj"):
+        create_model(SMALL, adapter=tmp_path / "odd.pth")
+
+
 def test_from_official_reproduces_the_official_greedy_answer(released):
     ref = IO["results"]["finetune"]
     out = released.generate([ref["prompt_ids"].tolist()], {"Image": (INPUTS["vision"], 1)}, temperature=0,

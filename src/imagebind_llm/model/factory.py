@@ -72,7 +72,10 @@ def create_model(spec: ModelSpec | str | None = "demo", **changes) -> ImageBindL
     model = ImageBindLLM(loaded.model, encoder, config, tokenizer=tokenizer).to(device=spec.device, dtype=dtype)
     if official is not None:
         _warn_if_vanilla_base(loaded.path, official, loaded.model.config)
-        missing = load_adapter_tensors(model, official, layout="official")
+        try:
+            missing = load_adapter_tensors(model, official, layout="official")
+        except CheckpointMismatchError as e:
+            raise CheckpointMismatchError(f"{spec.adapter}: {e}") from None
         if missing:
             logger.info("adapter file lacks %d tensors (kept at init): %s", len(missing), missing[:5])
     elif ours is not None:
