@@ -45,7 +45,7 @@ WHAT = "What object is this?"  # asked about a point cloud (the renders' stage-2
 
 @dataclass(frozen=True)
 class Scale:
-    """How much of everything: scenes, clouds, and per step its epochs (or steps) and batch."""
+    """How much of everything: scenes, clouds, and per step its epochs and batch."""
 
     train: int
     heldout: int
@@ -55,7 +55,6 @@ class Scale:
     bind_epochs: int
     stage1_epochs: int
     stage2_epochs: int
-    max_steps: int | None  # caps every training step (tiny runs)
     batch: int
     llm_batch: int
     inject_layers: int
@@ -64,9 +63,9 @@ class Scale:
 
 SCALES = {
     "full": Scale(train=16000, heldout=500, points=3000, variants=4, tower_epochs=3, bind_epochs=6, stage1_epochs=1,
-                  stage2_epochs=1, max_steps=None, batch=64, llm_batch=8, inject_layers=8, zero_shot=60),
+                  stage2_epochs=1, batch=64, llm_batch=8, inject_layers=8, zero_shot=60),
     "tiny": Scale(train=16, heldout=8, points=12, variants=4, tower_epochs=1, bind_epochs=1, stage1_epochs=1,
-                  stage2_epochs=1, max_steps=None, batch=8, llm_batch=2, inject_layers=2, zero_shot=4),
+                  stage2_epochs=1, batch=8, llm_batch=2, inject_layers=2, zero_shot=4),
 }
 
 
@@ -82,13 +81,16 @@ def cli(*args: str, log: Path) -> None:
         raise SystemExit(f"error: {args[0]} {args[1]} failed (exit {code}); see {log}: {' '.join(tail)}")
 
 
+def set_args(overrides: list[str]) -> list[str]:
+    """``["a=1", "b=2"]`` -> ``["--set", "a=1", "--set", "b=2"]``."""
+    return [a for override in overrides for a in ("--set", override)]
+
+
 def train_bind(out: Path, name: str, scale: Scale, sets: list[str]) -> None:
     run = out / name
     common = [f"train.output_dir={run}", f"train.batch_size={scale.batch}", "optim.lr=1e-3", "optim.clip_grad=1.0",
               "optim.warmup_epochs=0.3", "data.num_workers=0", "train.progress=false", "train.save_every=100000"]
-    if scale.max_steps:
-        common.append(f"train.max_steps={scale.max_steps}")
-    cli("train", "bind", "--overwrite", *(a for s in common + sets for a in ("--set", s)), log=out / f"{name}.log")
+    cli("train", "bind", "--overwrite", *set_args(common + sets), log=out / f"{name}.log")
 
 
 def step_world(out: Path, scale: Scale, seed: int) -> None:
@@ -122,10 +124,7 @@ def train_stage(out: Path, scale: Scale, stage: int, files: list[str], sets: lis
         f"model.inject_layers={scale.inject_layers}", f"data.train=[{','.join(files)}]",
         f"data.image_root={out / 'world' / 'train'}", f"train.output_dir={run}", f"train.batch_size={scale.llm_batch}",
         "data.num_workers=0", "train.progress=false", "train.save_every=100000", *sets]
-    if scale.max_steps:
-        overrides.append(f"train.max_steps={scale.max_steps}")
-    cli("train", f"stage{stage}", "--overwrite", *(a for s in overrides for a in ("--set", s)),
-        log=out / f"stage{stage}.log")
+    cli("train", f"stage{stage}", "--overwrite", *set_args(overrides), log=out / f"stage{stage}.log")
 
 
 def step_stage1(out: Path, scale: Scale) -> None:

@@ -193,6 +193,7 @@ def counterfactual(scene: Scene, rng: np.random.Generator, exclude: frozenset[tu
     shapes[choice] = replace(old, shape=str(rng.choice(kinds)))
     return replace(scene, shapes=tuple(shapes))
 
+
 # ------------------------------------------------------------------------------------------ rendering
 def cell_centre(cell: int) -> tuple[float, float]:
     """Pixel centre ``(x, y)`` of a grid cell in the 224 x 224 image."""

@@ -53,17 +53,17 @@ def make_scene(seed: int, split: str, index: int, pairs: list[tuple[str, str]], 
     """Scene ``index`` of ``split``: training scenes never hold a pair of ``pairs``; held-out scene ``i`` holds
     ``pairs[i % len(pairs)]`` as its only shape of that kind. ``variants > 1`` (training scenes): scenes come in
     families of that many, the first a new scene and each other one its `counterfactual`."""
-    first = index - index % variants
+    held = frozenset(pairs)
+    first = index - index % variants if split == "train" else index
     rng = np.random.default_rng([seed, SPLITS[split], SCENE_STREAM, first])
     if split == "train":
-        scene = sample_scene(rng, exclude=frozenset(pairs))
+        scene = sample_scene(rng, exclude=held)
         if index != first:
             rng = np.random.default_rng([seed, SPLITS[split], VARIANT_STREAM, index])
-            scene = counterfactual(scene, rng, exclude=frozenset(pairs))
+            scene = counterfactual(scene, rng, exclude=held)
     else:
         scene = sample_scene(rng, require=pairs[index % len(pairs)], n_shapes=1 + index % 3,
                              text=HELDOUT_TEXT[index % len(HELDOUT_TEXT)], heldout=True)
-    held = frozenset(pairs)
     prefer, avoid = (held, frozenset()) if split == "heldout" else (frozenset(), held)
     qas = questions(scene, rng, prefer, avoid)
     mme = {}
@@ -261,8 +261,7 @@ def generate(out: str | Path, seed: int = 0, train: int = 1000, heldout: int = 2
     try:
         tmp.mkdir()
         pairs = heldout_pairs(np.random.default_rng([seed, PAIRS_STREAM]))
-        counts = {split: write_split(tmp / split, seed, split, n, pairs, audio, clouds, workers, progress,
-                                     variants if split == "train" else 1)
+        counts = {split: write_split(tmp / split, seed, split, n, pairs, audio, clouds, workers, progress, variants)
                   for split, n, clouds in (("train", train, points), ("heldout", heldout, heldout_points))}
         (tmp / "world.json").write_text(json.dumps(world_info(seed, counts, pairs, variants), indent=1) + "\n")
         _replace(tmp, out)
