@@ -240,3 +240,59 @@ def test_load_official_takes_a_json_config_and_detects_the_point_branch():
 
     model = load_official(FIX / "imagebind_small.pth", FIX / "imagebind_small.json")
     assert not model.config.with_point and model.config.out_embed_dim == 32
+
+
+def _frame_by_frame_stem(stem, x: torch.Tensor, frames: int) -> torch.Tensor:
+    """``vision_conv_stem`` by hand: each frame through conv/BN(eval)/ReLU with the functional API, the image
+    repeated to ``frames``, then the patchify as a plain convolution per frame pair."""
+    convs = [m for m in stem.convs if isinstance(m, torch.nn.Conv2d)]
+    norms = [m for m in stem.convs if isinstance(m, torch.nn.BatchNorm2d)]
+    outs = []
+    for t in range(x.shape[2]):
+        h = x[:, :, t]
+        for conv, bn in zip(convs, norms):
+            h = F.conv2d(h, conv.weight, stride=2, padding=1)
+            h = F.relu(F.batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias, eps=bn.eps))
+        outs.append(h)
+    h = torch.stack(outs * frames if len(outs) == 1 else outs, dim=2)
+    return F.conv3d(h, stem.proj.weight, stride=stem.proj.stride).flatten(2).transpose(1, 2)
+
+
+def test_vision_conv_stem_tokens_and_official_round_trip(small_config):
+    """Our extension: stride-2 convolutions per frame before the patchify, same patch count, an image equal
+    to a clip of copies of it, and a checkpoint round trip through the official layout."""
+    plain = {**small_config.to_dict(), "kernel_size": [2, 28, 28]}
+    config = ImageBindConfig.from_dict({**plain, "vision_conv_stem": [4, 8]})
+    assert config.num_patches("vision") == ImageBindConfig.from_dict(plain).num_patches("vision") == 64
+    torch.manual_seed(0)
+    model = ImageBind(config)
+    stem = model.towers["vision"].stem
+    for bn in (m for m in stem.convs if isinstance(m, torch.nn.BatchNorm2d)):  # trained-looking statistics
+        bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5), bn.bias.data.uniform_(-0.5, 0.5)
+    model.eval()
+    img = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    frames = config.video_frames
+    with torch.no_grad():
+        tokens = stem(img)
+        torch.testing.assert_close(tokens, _frame_by_frame_stem(stem, img.unsqueeze(2), frames))
+        clip = torch.stack([img, img.flip(-1)], dim=2)  # two different frames
+        torch.testing.assert_close(stem(clip), _frame_by_frame_stem(stem, clip, frames))
+        out = model({"vision": img})["vision"]
+        same = model({"vision": img.unsqueeze(2).expand(-1, -1, frames, -1, -1).unsqueeze(1)})["vision"]
+    assert tokens.shape == (2, config.num_patches("vision"), config.vision_embed_dim)
+    torch.testing.assert_close(same, out, atol=1e-5, rtol=1e-5)
+
+    official = to_official(model)
+    assert any(".rgbt_stem.conv_stem.1.running_mean" in k for k in official)
+    again = ImageBind(config).load_official(official).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again({"vision": img})["vision"], out, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="strict|missing|unexpected"):
+        ImageBind(ImageBindConfig.from_dict(plain)).load_official(official)  # a stem the config lacks
+
+
+@pytest.mark.parametrize("stem,pattern", [([8, 8], "must divide the patch size 14x14"), ([0], "must be positive")])
+def test_vision_conv_stem_bad_configs(small_config, stem, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        ImageBindConfig.from_dict({**small_config.to_dict(), "vision_conv_stem": stem})

@@ -38,6 +38,11 @@ class ImageBindConfig:
     ``point_encoder_dims`` channels and a ``[2 * point_trans_dim, point_proj_dim]`` projection.
     ``point_fps_start`` is the farthest-point-sampling start index (``None``: random, as upstream).
     ``with_point=False`` drops the branch (Meta's ``imagebind_huge.pth``).
+
+    ``vision_conv_stem`` is our extension (empty, as in every released checkpoint: the official stem): the
+    channels of stride-2 3x3 convolutions (BatchNorm, ReLU) that run on each frame before the patchify, the
+    "early convolutions" of Xiao et al. 2021, which small vision towers trained from scratch need to learn
+    shapes. ``kernel_size`` stays in input pixels, so the number of patches does not change.
     """
 
     video_frames: int = 2
@@ -82,15 +87,23 @@ class ImageBindConfig:
     point_proj_dim: int = 512
     point_drop_path: float = 0.1
     point_fps_start: int | None = 0
+    vision_conv_stem: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         self.kernel_size = tuple(int(k) for k in self.kernel_size)  # type: ignore[assignment]
+        self.vision_conv_stem = tuple(int(c) for c in self.vision_conv_stem)  # type: ignore[assignment]
         if len(self.kernel_size) != 3:
             raise ValueError(f"kernel_size must be (time, height, width), got {self.kernel_size}")
         kt, kh, kw = self.kernel_size
         if self.video_frames % kt or IMAGE_SIZE % kh or IMAGE_SIZE % kw:
             raise ValueError(f"kernel_size={self.kernel_size} must tile video_frames={self.video_frames} "
                              f"and the {IMAGE_SIZE}x{IMAGE_SIZE} image")
+        stride = 2 ** len(self.vision_conv_stem)
+        if min(self.vision_conv_stem, default=1) < 1:
+            raise ValueError(f"vision_conv_stem={list(self.vision_conv_stem)}: channel counts must be positive")
+        if kh % stride or kw % stride:
+            raise ValueError(f"vision_conv_stem={list(self.vision_conv_stem)}: its stride-2 layers shrink frames "
+                             f"{stride}x, which must divide the patch size {kh}x{kw} of kernel_size")
         if IMU_LENGTH % self.imu_kernel_size:
             raise ValueError(f"imu_kernel_size={self.imu_kernel_size} must divide the IMU length {IMU_LENGTH}")
         for m in ("vision", "text", "audio", "depth", "thermal", "imu") + (("point",) if self.with_point else ()):
@@ -142,6 +155,7 @@ class ImageBindConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["kernel_size"] = list(self.kernel_size)
+        d["vision_conv_stem"] = list(self.vision_conv_stem)
         return d
 
     @classmethod

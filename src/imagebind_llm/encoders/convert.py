@@ -50,6 +50,8 @@ def _tower_key(m: str, rest: str) -> str:
         return f"{P}.pos_embed" if m in ("text", "imu") else f"{P}.pos_embedding_helper.pos_embed"
     if rest == "stem.proj.weight":
         return f"{P}.{_STEM[m]}.proj.{'1.' if m == 'vision' else ''}weight"
+    if rest.startswith("stem.convs."):  # our vision_conv_stem: no official counterpart
+        return f"{P}.{_STEM[m]}.conv_stem.{rest.removeprefix('stem.convs.')}"
     if rest.startswith("stem.norm."):
         return f"{P}.{_STEM[m]}.norm_layer.{rest.removeprefix('stem.norm.')}"
     raise KeyError(f"no official name for {m!r} tensor {rest!r}")

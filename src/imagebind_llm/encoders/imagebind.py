@@ -41,16 +41,29 @@ STEM_LN_EPS = 1e-5  # audio / depth / thermal / imu stems
 # Stems: raw input -> [B, N, D] patch tokens
 # ---------------------------------------------------------------------------------------------------
 class VisionStem(nn.Module):
-    """Images ``[B, 3, H, W]`` (repeated to ``video_frames``) or clips ``[B, 3, T, H, W]`` -> Conv3d patches."""
+    """Images ``[B, 3, H, W]`` (repeated to ``video_frames``) or clips ``[B, 3, T, H, W]`` -> Conv3d patches
+    ``[B, N, dim]``, after the optional per-frame convolutions of ``conv_stem`` (``ImageBindConfig``)."""
 
-    def __init__(self, dim: int, kernel_size: tuple[int, int, int], video_frames: int) -> None:
+    def __init__(self, dim: int, kernel_size: tuple[int, int, int], video_frames: int,
+                 conv_stem: tuple[int, ...] = ()) -> None:
         super().__init__()
         self.video_frames = video_frames
-        self.proj = nn.Conv3d(3, dim, kernel_size=kernel_size, stride=kernel_size, bias=False)
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip((3, *conv_stem), conv_stem):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+        self.convs = nn.Sequential(*layers) if layers else None
+        kt, kh, kw = kernel_size
+        shrink = 2 ** len(conv_stem)
+        self.proj = nn.Conv3d(conv_stem[-1] if conv_stem else 3, dim, kernel_size=(kt, kh // shrink, kw // shrink),
+                              stride=(kt, kh // shrink, kw // shrink), bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim == 4:
             x = x.unsqueeze(2)
+        if self.convs is not None:  # per frame, before an image is repeated into a clip
+            b, _, t = x.shape[:3]
+            x = self.convs(x.transpose(1, 2).flatten(0, 1))  # [B*T, C, H', W']
+            x = x.unflatten(0, (b, t)).transpose(1, 2)
         if x.shape[2] == 1:
             x = x.expand(-1, -1, self.video_frames, -1, -1)
         return self.proj(x).flatten(2).transpose(1, 2)
@@ -86,7 +99,7 @@ class IMUStem(nn.Module):
 def _make_stem(modality: str, c: ImageBindConfig) -> nn.Module:
     dim = c.width(modality)
     if modality == "vision":
-        return VisionStem(dim, c.kernel_size, c.video_frames)
+        return VisionStem(dim, c.kernel_size, c.video_frames, c.vision_conv_stem)
     if modality == "audio":
         return ConvStem(dim, c.audio_kernel_size, c.audio_stride)
     if modality in ("depth", "thermal"):
