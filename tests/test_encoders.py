@@ -296,3 +296,24 @@ def test_vision_conv_stem_tokens_and_official_round_trip(small_config):
 def test_vision_conv_stem_bad_configs(small_config, stem, pattern):
     with pytest.raises(ValueError, match=pattern):
         ImageBindConfig.from_dict({**small_config.to_dict(), "vision_conv_stem": stem})
+
+
+def test_vision_max_pool_reads_the_maximum_over_patch_tokens(small_config, small_state, small, io):
+    """``vision_pool="max"`` changes only the pooling: same weights and keys, head on the element-wise max
+    of the last block's patch tokens (CLS excluded) instead of on CLS."""
+    pooled = ImageBind(ImageBindConfig.from_dict({**small_config.to_dict(), "vision_pool": "max"}))
+    pooled = pooled.load_official(small_state).eval()
+    x = io["inputs"]["vision"]
+    tokens = {}
+    for name, model in (("max", pooled), ("cls", small)):
+        tower = model.towers["vision"]
+        hook = tower.blocks[-1].register_forward_hook(lambda m, i, o, name=name: tokens.__setitem__(name, o))
+        with torch.no_grad():
+            _, pre = model({"vision": x}, return_prenorm=True)
+        hook.remove()
+        picked = tokens[name][:, 1:].amax(dim=1) if name == "max" else tokens[name][:, 0]
+        with torch.no_grad():
+            torch.testing.assert_close(pre["vision"], tower.head_proj(tower.head_norm(picked)))
+    torch.testing.assert_close(tokens["max"], tokens["cls"])
+    with pytest.raises(ValueError, match="vision_pool='mean'"):
+        ImageBindConfig(vision_pool="mean")

@@ -24,6 +24,7 @@ POINT_POS_HIDDEN = 128  # Point-BERT positional MLP: 3 -> 128 -> trans_dim
 # Fixed (not learned) output scales; text's is learned and clamped at 100, vision has none.
 LOGIT_SCALE_INIT = {"text": 1 / 0.07, "audio": 20.0, "depth": 5.0, "thermal": 10.0, "imu": 5.0, "point": 1.0}
 MAX_LOGIT_SCALE = 100.0
+POOLS = ("cls", "max")  # vision_pool
 
 
 @dataclass
@@ -43,6 +44,9 @@ class ImageBindConfig:
     channels of stride-2 3x3 convolutions (BatchNorm, ReLU) that run on each frame before the patchify, the
     "early convolutions" of Xiao et al. 2021, which small vision towers trained from scratch need to learn
     shapes. ``kernel_size`` stays in input pixels, so the number of patches does not change.
+    ``vision_pool`` is ours too: ``"cls"`` (official) pools the [CLS] token, ``"max"`` the element-wise
+    maximum over the patch tokens, which a tower trained from scratch learns "is there a star?" and
+    "which cells are occupied" from many times sooner.
     """
 
     video_frames: int = 2
@@ -88,6 +92,7 @@ class ImageBindConfig:
     point_drop_path: float = 0.1
     point_fps_start: int | None = 0
     vision_conv_stem: tuple[int, ...] = ()
+    vision_pool: str = "cls"
 
     def __post_init__(self) -> None:
         self.kernel_size = tuple(int(k) for k in self.kernel_size)  # type: ignore[assignment]
@@ -98,6 +103,8 @@ class ImageBindConfig:
         if self.video_frames % kt or IMAGE_SIZE % kh or IMAGE_SIZE % kw:
             raise ValueError(f"kernel_size={self.kernel_size} must tile video_frames={self.video_frames} "
                              f"and the {IMAGE_SIZE}x{IMAGE_SIZE} image")
+        if self.vision_pool not in POOLS:
+            raise ValueError(f"vision_pool={self.vision_pool!r}: choose one of {list(POOLS)}")
         stride = 2 ** len(self.vision_conv_stem)
         if min(self.vision_conv_stem, default=1) < 1:
             raise ValueError(f"vision_conv_stem={list(self.vision_conv_stem)}: channel counts must be positive")

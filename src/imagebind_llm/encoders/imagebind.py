@@ -1,7 +1,8 @@
 """ImageBind: one transformer tower per modality, all mapping into a shared embedding space.
 
 Per modality: stem (patchify / embed) -> [CLS] + learned positions -> pre-norm transformer ->
-LayerNorm and pooling (CLS token, or the EOT token for text) -> bias-free projection to
+LayerNorm and pooling (CLS token, the EOT token for text, or with our
+``vision_pool="max"`` the maximum over patch tokens) -> bias-free projection to
 ``out_embed_dim`` (the "head" output) -> L2 normalisation times a per-modality scale (text: learned,
 clamped at 100; audio 20, depth 5, thermal 10, imu 5, point 1; vision: none).
 
@@ -139,12 +140,13 @@ class _Tower(nn.Module):
 
 
 class TransformerTower(_Tower):
-    """One ImageBind modality: stem, [CLS], positions, transformer blocks, pooled head."""
+    """One ImageBind modality: stem, [CLS], positions, transformer blocks, pooled head (`pool`)."""
 
     def __init__(self, modality: str, c: ImageBindConfig) -> None:
         super().__init__()
         dim, n = c.width(modality), c.num_patches(modality)
         self.is_text = modality == "text"
+        self.max_pool = modality == "vision" and c.vision_pool == "max"
         if self.is_text:
             self.token_embedding = nn.Embedding(TEXT_VOCAB, dim)
             self.cls_token = None
@@ -172,9 +174,14 @@ class TransformerTower(_Tower):
             h = self.pre_norm(h)
         for block in self.blocks:
             h = block(h, causal=self.is_text)
-        # Text pools at the end-of-text token, the largest id; every other tower at CLS.
-        pooled = h[torch.arange(h.shape[0], device=h.device), x.argmax(-1)] if self.is_text else h[:, 0]
-        return self.head(pooled)
+        return self.head(self.pool(h, x))
+
+    def pool(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Tokens ``[B, 1 + N, D]`` -> ``[B, D]``: text at its end-of-text token (the largest id), vision with
+        ``vision_pool="max"`` at the maximum over patch tokens, every other tower at CLS."""
+        if self.is_text:
+            return h[torch.arange(h.shape[0], device=h.device), x.argmax(-1)]
+        return h[:, 1:].amax(dim=1) if self.max_pool else h[:, 0]
 
 
 class PointTower(_Tower):
