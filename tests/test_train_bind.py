@@ -207,7 +207,25 @@ def test_manifest_formats_read_the_same_pairs(tmp_path):
         read_pairs([root / "pairs.jsonl"], ["vision", "audio"])
 
 
-def test_cached_anchor_features_train_like_the_live_anchor(tiny, tmp_path):
+def with_conv_stem(tiny: dict[str, Path], root: Path) -> dict[str, Path]:
+    """The tiny checkpoint with a vision ``vision_conv_stem`` whose BatchNorm statistics look trained."""
+    root.mkdir()
+    config = {**TINY, "vision_conv_stem": [4]}
+    (root / "tiny.json").write_text(json.dumps({"ImageBindModel_kwargs": config}))
+    encoder = ImageBind(ImageBindConfig.from_dict(config))
+    ours = encoder.state_dict()
+    encoder.load_state_dict({k: v for k, v in load_official(tiny["weights"], tiny["config"]).state_dict().items()
+                             if ours[k].shape == v.shape}, strict=False)  # all but the vision stem
+    norm = encoder.towers["vision"].stem.convs[1]
+    norm.running_mean.uniform_(-1, 1), norm.running_var.uniform_(0.2, 3)
+    torch.save(to_official(encoder), root / "tiny.pth")
+    return {"config": root / "tiny.json", "weights": root / "tiny.pth"}
+
+
+@pytest.mark.parametrize("stem", [False, True], ids=["official-stem", "conv-stem"])
+def test_cached_anchor_features_train_like_the_live_anchor(tiny, tmp_path, stem):
+    """The store is encoded by the anchor in eval mode, as the live anchor runs (BatchNorm statistics)."""
+    tiny = with_conv_stem(tiny, tmp_path / "stem") if stem else tiny
     root = write_pairs(tmp_path / "data")
     files = {"data.generator": "null", "data.train": f"[{root / 'pairs.jsonl'}]", "data.eval": f"[{root / 'pairs.tsv'}]",
              "train.epochs": 2, "train.batch_size": 6, "data.eval_every": 100, "bind.imagebind": tiny["weights"]}
