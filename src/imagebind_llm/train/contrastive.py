@@ -17,7 +17,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed.nn.functional as dist_nn
+import torch.distributed as dist
+from torch.distributed import _functional_collectives as funcol  # the successor of torch.distributed.nn's all_gather
 from torch import nn
 from torch.nn import functional as F
 
@@ -53,7 +54,7 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     gradients flowing back to each process's own rows (identity in a single process)."""
     if not distributed.is_distributed():
         return x
-    return torch.cat(dist_nn.all_gather(x), dim=0)
+    return funcol.all_gather_single(x.contiguous(), 0, dist.group.WORLD)  # backward: reduce-scatter of the sums
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
