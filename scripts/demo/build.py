@@ -36,7 +36,7 @@ import torch
 from imagebind_llm.eval.mme_score import score_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from towers import TOWERS  # noqa: E402  (the tower sizes live with their measurements)
+from towers import TOWERS, tower_settings  # noqa: E402  (the tower sizes live with their measurements)
 
 STEPS = ("world", "towers", "audio", "point", "stage1", "stage2", "evaluate")
 HEAR = "Describe this image in detail."  # asked about a spoken caption: the LLM only ever learned to describe images
@@ -101,11 +101,8 @@ def step_world(out: Path, scale: Scale, seed: int) -> None:
 
 def step_towers(out: Path, scale: Scale) -> None:
     (out / "towers.json").write_text(json.dumps(TOWERS, indent=1))
-    world = out / "world"
-    train_bind(out, "towers", scale, [
-        "bind.anchor=null", "bind.modalities=[vision,text]", "bind.mode=joint", f"bind.imagebind_config={out / 'towers.json'}",
-        f"data.train=[{world / 'train/pairs_vision_text.jsonl'}]", f"data.eval=[{world / 'heldout/pairs_vision_text.jsonl'}]",
-        f"data.group_size={scale.variants}", f"train.epochs={scale.tower_epochs}"])
+    train_bind(out, "towers", scale, [*tower_settings(out / "world", out / "towers.json"),
+                                      f"data.group_size={scale.variants}", f"train.epochs={scale.tower_epochs}"])
 
 
 def bind_to_vision(out: Path, scale: Scale, modality: str, start: str) -> None:

@@ -33,6 +33,22 @@ lr 1e-3, 20k pairs per epoch, probes fitted on 8000 training scenes:
   0.53) by step 300. The bottleneck is the small ViT trained from scratch, not the captions or negatives.
   Note the position embedding (std 0.05 after training) is ~30x smaller than the patch embeddings, which may
   be why even "which cells are occupied" is not decodable.
+* Early convolutions and max pooling (2026-12-02; the same supervised check on 8000 scenes, 400 steps, 50-80
+  images/s, balanced held-out accuracy of shape / occupied-cell presence): a ``vision_conv_stem`` of
+  [24, 48, 96] with CLS pooling learns neither (0.50 / 0.50), nor with mean pooling; with
+  ``vision_pool="max"`` the cells are learned from step 150 (0.996 at 400) and shapes start at step 350 (0.598
+  at 400). CLS pooling with positions initialised at std 0.5 instead of 0.02 starts on the cells at step 150.
+* Stem [24, 48, 96] with max pooling, ``--variants 4`` world, ``data.group_size=4``, 5 epochs
+  = 1250 steps in 37.9 min (35 pairs/s, other jobs on the machine): the loss falls below ln 4 (families are
+  told apart inside: 0.9 at the end against 1.39 before), held-out R@1/R@5 0.58/0.89; probes held-out (seen):
+  count 0.83 (0.89), colour set bal. 1.00 (1.00), shape set bal. 0.59 (0.67), occupied cells bal. 0.65 (0.66),
+  colour at cell 0.64 (0.69), shape at cell 0.28 (0.42), sign word 0.00 (0.01), digit 0.24 (0.09). Better on
+  every probe than the ViT without the stem, still far from reading signs or naming every shape.
+* ``TOWERS`` (stem [24, 48, 96, 192]: 7x7 tokens of 2x2 cells of the 14x14 map), the same run: 31.8 min (41.9
+  pairs/s), held-out R@1/R@5 0.62/0.94 (0.69/1.00 seen); probes held-out (seen): count 0.90 (0.92), colour set
+  bal. 0.87 (0.89), shape set bal. 0.73 (0.81), occupied cells bal. 0.70 (0.71), colour at cell 0.50 (0.55),
+  shape at cell 0.48 (0.59), sign word 0.00 (0.00), digit 0.17 (0.19). Shapes and counts gain, colours lose:
+  the deeper max-pooled features keep less of the colour. Reading (sign words, digits) is not learned at all.
 """
 
 from __future__ import annotations
@@ -58,6 +74,7 @@ from imagebind_llm.world import COLOURS, SHAPES
 # placeholders (audio and point are bound later, depth/thermal/imu are never used).
 TOWERS = dict(
     out_embed_dim=256, kernel_size=[1, 32, 32], video_frames=1,  # 49 patches; one frame: Conv3d is slow on CPU
+    vision_conv_stem=[24, 48, 96, 192], vision_pool="max",  # see the capacity checks above
     vision_embed_dim=192, vision_num_blocks=4, vision_num_heads=3,
     text_embed_dim=128, text_num_blocks=4, text_num_heads=2,
     audio_embed_dim=128, audio_num_blocks=2, audio_num_heads=2, audio_drop_path=0.0,
@@ -71,15 +88,20 @@ TRAIN = ["train.epochs=3", "train.batch_size=64", "optim.lr=1e-3", "optim.warmup
          "data.num_workers=1", "data.eval_every=100", "train.save_every=100000"]
 
 
+def tower_settings(world: Path, towers_json: Path) -> list[str]:
+    """The `train bind` settings of step (a): new vision and text towers of the sizes in ``towers_json``,
+    trained against each other on the (scene, caption) pairs of ``world``."""
+    return ["bind.anchor=null", "bind.modalities=[vision,text]", "bind.mode=joint", f"bind.imagebind_config={towers_json}",
+            f"data.train=[{world / 'train/pairs_vision_text.jsonl'}]",
+            f"data.eval=[{world / 'heldout/pairs_vision_text.jsonl'}]"]
+
+
 def train_towers(world: Path, out: Path, towers: dict, extra: list[str]) -> Path:
     """Run `train bind` (joint vision + text) on ``world``; returns the exported encoder folder."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "towers.json").write_text(json.dumps(towers, indent=1))
-    config = load_config(BIND, None, [
-        "bind.anchor=null", "bind.modalities=[vision,text]", "bind.mode=joint",
-        f"bind.imagebind_config={out / 'towers.json'}", f"train.output_dir={out}",
-        f"data.train=[{world / 'train/pairs_vision_text.jsonl'}]",
-        f"data.eval=[{world / 'heldout/pairs_vision_text.jsonl'}]", *TRAIN, *extra])
+    config = load_config(BIND, None, [*tower_settings(world, out / "towers.json"), f"train.output_dir={out}",
+                                      *TRAIN, *extra])
     start = time.time()
     result = bind.run(config, overwrite=True)
     seconds = time.time() - start
