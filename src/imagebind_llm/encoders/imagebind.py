@@ -54,9 +54,9 @@ class VisionStem(nn.Module):
             layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
         self.convs = nn.Sequential(*layers) if layers else None
         kt, kh, kw = kernel_size
-        shrink = 2 ** len(conv_stem)
-        self.proj = nn.Conv3d(conv_stem[-1] if conv_stem else 3, dim, kernel_size=(kt, kh // shrink, kw // shrink),
-                              stride=(kt, kh // shrink, kw // shrink), bias=False)
+        shrink = 2 ** len(conv_stem)  # kernel_size is in input pixels
+        patch = (kt, kh // shrink, kw // shrink)
+        self.proj = nn.Conv3d(conv_stem[-1] if conv_stem else 3, dim, kernel_size=patch, stride=patch, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim == 4:
@@ -177,8 +177,9 @@ class TransformerTower(_Tower):
         return self.head(self.pool(h, x))
 
     def pool(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Tokens ``[B, 1 + N, D]`` -> ``[B, D]``: text at its end-of-text token (the largest id), vision with
-        ``vision_pool="max"`` at the maximum over patch tokens, every other tower at CLS."""
+        """Tokens ``[B, S, D]`` (``S = 1 + N``: CLS first; text: its 77 tokens) -> ``[B, D]``: text at its
+        end-of-text token (the largest id in ``x``), vision with ``vision_pool="max"`` at the maximum over patch
+        tokens, every other tower at CLS."""
         if self.is_text:
             return h[torch.arange(h.shape[0], device=h.device), x.argmax(-1)]
         return h[:, 1:].amax(dim=1) if self.max_pool else h[:, 0]
