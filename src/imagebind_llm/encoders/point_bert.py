@@ -119,7 +119,10 @@ class PointTrunk(nn.Module):
     def __init__(self, config: ImageBindConfig) -> None:
         super().__init__()
         self.point_encoder = PointBERT(config)
-        self.pc_projection = nn.Parameter(torch.zeros(2 * config.point_trans_dim, config.point_proj_dim))
+        # ULIP's init: a zero matrix gives every cloud the zero embedding, which a tower trained from scratch
+        # never leaves (the normalised embedding's gradient at zero overflows and clipping zeroes every step).
+        self.pc_projection = nn.Parameter(torch.randn(2 * config.point_trans_dim, config.point_proj_dim)
+                                          * config.point_proj_dim ** -0.5)
 
     def forward(self, points: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.point_encoder(points, generator) @ self.pc_projection
