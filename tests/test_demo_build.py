@@ -10,6 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from imagebind_llm import create_model
+from imagebind_llm.encoders import to_official
 
 from imagebind_llm.hub import read_state_dict
 from imagebind_llm.world import espeak_missing
@@ -22,29 +27,55 @@ pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"the world's speech and s
                                 f"fonts-dejavu-core: {MISSING}")
 
 
-def tower(path: Path, name: str) -> dict[str, torch.Tensor]:
-    state = read_state_dict(path / "encoder" / "imagebind.pth")
+def tower(out: Path, step: str, name: str) -> dict[str, torch.Tensor]:
+    """Tower ``name``'s tensors in the encoder that build step ``step`` exported."""
+    state = read_state_dict(out / (step if step == "encoder" else f"{step}/encoder") / "imagebind.pth")
     return {k: v for k, v in state.items() if f".{name}." in k}
 
 
-def test_the_tiny_recipe_runs_every_step_and_binds_through_the_frozen_vision_tower(tmp_path):
-    out = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """The build folder of one tiny run of the whole recipe."""
+    out = tmp_path_factory.mktemp("build") / "demo"
     run = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--scale", "tiny"], capture_output=True,
-                         text=True, timeout=600)
+                         text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    return out
+
+
+def test_the_tiny_recipe_runs_every_step_and_binds_through_the_frozen_vision_tower(built):
+    out = built
     report = json.loads((out / "evaluate.json").read_text())
     assert set(report["mme"]) == {"total", "existence", "count", "position", "color", "OCR"}
     assert 0 <= report["mme"]["total"] <= 1000 and report["mme"]["total"] == sum(
         v for k, v in report["mme"].items() if k != "total")
     assert set(report["zero_shot"]) == {"audio", "point"}
     assert all(set(v) == {"trained", "zero"} for v in report["zero_shot"].values())
-    vision = tower(out / "towers", "vision")
-    assert vision and all(torch.equal(vision[k], v) for k, v in tower(out / "point", "vision").items())
-    audio = tower(out / "audio", "audio")
-    assert audio and all(torch.equal(audio[k], v) for k, v in tower(out / "point", "audio").items())
-    assert not all(torch.equal(audio[k], v) for k, v in tower(out / "towers", "audio").items())  # audio trained
+    vision = tower(out, "towers", "vision")
+    for step in ("audio", "point", "encoder"):
+        assert vision and all(torch.equal(vision[k], v) for k, v in tower(out, step, "vision").items())
+    for modality in ("audio", "point"):  # trained in its own step, then carried into the whole encoder
+        bound = tower(out, modality, modality)
+        assert bound and all(torch.equal(bound[k], v) for k, v in tower(out, "encoder", modality).items())
+        assert not all(torch.equal(bound[k], v) for k, v in tower(out, "towers", modality).items())
     pretrained = json.loads((out / "stage2" / "pretrained" / "config.json").read_text())
     assert pretrained["adapter"]["phase"] == "finetune"
     again = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--scale", "tiny"], capture_output=True,
-                           text=True, timeout=600)
-    assert again.returncode == 0 and again.stdout.count(": done (") == 7
+                           text=True, timeout=900)
+    assert again.returncode == 0 and again.stdout.count(": done (") == 9
+
+
+def test_the_shipped_folder_loads_as_the_model_that_was_trained(built):
+    """``ship`` writes what a package would ship: the stage-2 adapter and the whole encoder as float16
+    safetensors, which `create_model` loads into the trained model; and one loss panel per training step."""
+    out = built
+    model = create_model(adapter=str(out / "demo"), imagebind=str(out / "demo" / "imagebind.safetensors"))
+    encoder = read_state_dict(out / "encoder" / "imagebind.pth")
+    assert encoder.keys() == to_official(model.encoder).keys()
+    assert all(torch.equal(v, encoder[k].half().float()) for k, v in to_official(model.encoder).items())  # float16
+    trained = load_file(str(out / "stage2" / "pretrained" / "adapter.safetensors"))
+    assert any(g.any() for g in model.gates) and all(
+        torch.equal(model.gates[i], trained[f"gates.{i}"].half().float()) for i in range(len(model.gates)))
+    assert model.bind.blocks[0].w1.weight.shape[0] == model.llm.config.dim  # the small bind network (BIND_HIDDEN)
+    with Image.open(out / "curves.png") as curves:
+        assert curves.format == "PNG" and curves.width == 5 * 360

@@ -19,7 +19,7 @@ from imagebind_llm.llm.weights import load_llm
 from imagebind_llm.model.convert import official_adapter_state_dict
 from imagebind_llm.model.factory import load_pretrained
 from imagebind_llm.preprocess import load_images
-from imagebind_llm.train import TrainConfig, load_config, stage1, stage2
+from imagebind_llm.train import ConfigError, TrainConfig, load_config, stage1, stage2
 from imagebind_llm.train.checkpoint import find_checkpoint
 from imagebind_llm.train.data import CAPTION_PROMPT, encode_segments
 from imagebind_llm.train.loop import lm_loss
@@ -110,6 +110,24 @@ def test_stage1_learns_which_caption_belongs_to_which_image(stage1_run, files):
     assert {name: caption_of(model, files, name) for name in COLORS} == CAPTIONS
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 40 and {"loss", "lr", "tokens_per_s", "eta_s"} <= set(records[-1])
+
+
+def test_a_smaller_bind_network_trains_saves_and_loads_back(files, tmp_path):
+    """``model.bind_hidden_dim`` / ``model.bind_blocks`` size a new adapter's bind network (the demo model's
+    must fit the package); the folder records them, so loading needs no option."""
+    config = load_config(1, None, tiny_overrides([files["captions"]], tmp_path, files["base"], **{
+        "data.image_root": files["root"], "train.epochs": 1, "model.bind_hidden_dim": 24, "model.bind_blocks": 1}))
+    result = stage1.run(config)
+    dim = result.model.llm.config.dim
+    shapes = {k: tuple(v.shape) for k, v in result.model.named_parameters() if k.startswith("bind.blocks.")}
+    assert shapes == {"bind.blocks.0.norm.weight": (dim,), "bind.blocks.0.w1.weight": (24, dim),
+                      "bind.blocks.0.w2.weight": (dim, 24), "bind.blocks.0.w3.weight": (24, dim)}
+    reloaded = load_pretrained(tmp_path / "pretrained", files["base"], IMAGEBIND / "imagebind_small.pth")
+    for name, tensor in result.model.named_parameters():
+        if name.startswith("bind."):
+            torch.testing.assert_close(dict(reloaded.named_parameters())[name], tensor, atol=0, rtol=0)
+    with pytest.raises(ConfigError, match="model.bind_blocks"):
+        load_config(1, None, ["model.bind_blocks=0"])
 
 
 def test_stage1_exports_load_back_into_both_formats(stage1_run, files):

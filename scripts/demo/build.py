@@ -12,19 +12,24 @@ step and the ones after it):
 3. ``audio``: ``train bind`` audio tower from scratch against the frozen vision tower, (scene, spoken caption).
 4. ``point``: ``train bind`` point tower from scratch against the frozen vision tower, (render, cloud).
    Never audio-text or point-text pairs: ImageBind binds through images.
-5. ``stage1``: ``train stage1`` on SmolLM2 with (scene, caption) and (render, "a 3D torus").
-6. ``stage2``: ``train stage2`` on the scenes' questions and the renders' "What object is this?".
-7. ``evaluate``: MME on the held-out scenes (``eval mme``), and the emergent zero-shot check: the LLM, which
+5. ``encoder``: the towers' encoder with the audio and point towers of steps 3 and 4 (``encoder/``).
+6. ``stage1``: ``train stage1`` on SmolLM2 with (scene, caption) and (render, "a 3D torus").
+7. ``stage2``: ``train stage2`` on the scenes' questions and the renders' "What object is this?".
+8. ``evaluate``: MME on the held-out scenes (``eval mme``), and the emergent zero-shot check: the LLM, which
    never saw audio or points, asked about held-out spoken captions and point clouds, with trained and with
    zero gates; writes ``evaluate.json``.
+9. ``ship``: ``demo/`` holds the model as a package would ship it (adapter folder + the encoder as float16
+   safetensors), ``curves.png`` every training step's loss.
 
-The final encoder is ``point/encoder`` (every tower), the adapter ``stage2/pretrained``.
+Steps 3, 4 and 6-7 only read the frozen vision tower of step 2, so they may also run side by side (with
+``OMP_NUM_THREADS=1`` each on two cores: two 2-thread trainings on 2 cores ran 4-6x slower than one alone).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -32,13 +37,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw, ImageFont
+from safetensors.torch import load_file, save_file
 
 from imagebind_llm.eval.mme_score import score_dir
+from imagebind_llm.hub import read_state_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from towers import TOWERS, tower_settings  # noqa: E402  (the tower sizes live with their measurements)
 
-STEPS = ("world", "towers", "audio", "point", "stage1", "stage2", "evaluate")
+STEPS = ("world", "towers", "audio", "point", "encoder", "stage1", "stage2", "evaluate", "ship")
+TRAINED = ("towers", "audio", "point", "stage1", "stage2")  # the steps whose loss curves go in curves.png
+BIND_HIDDEN = 576  # the bind network's SwiGLU width: SmolLM2's own; the official 4 x 576 made a 48 MB adapter
 HEAR = "Describe this image in detail."  # asked about a spoken caption: the LLM only ever learned to describe images
 WHAT = "What object is this?"  # asked about a point cloud (the renders' stage-2 question)
 
@@ -52,9 +62,10 @@ class Scale:
     points: int
     variants: int
     tower_epochs: int
-    bind_epochs: int
-    stage1_epochs: int
-    stage2_epochs: int
+    bind_epochs: int  # audio binding; points take point_epochs
+    point_epochs: int
+    stage1_scenes: int  # scenes (and a fifth as many renders) of stage 1's one epoch; stage 2 likewise
+    stage2_scenes: int
     batch: int
     llm_batch: int
     inject_layers: int
@@ -62,10 +73,10 @@ class Scale:
 
 
 SCALES = {
-    "full": Scale(train=16000, heldout=500, points=3000, variants=4, tower_epochs=3, bind_epochs=6, stage1_epochs=1,
-                  stage2_epochs=1, batch=64, llm_batch=8, inject_layers=8, zero_shot=60),
-    "tiny": Scale(train=16, heldout=8, points=12, variants=4, tower_epochs=1, bind_epochs=1, stage1_epochs=1,
-                  stage2_epochs=1, batch=8, llm_batch=2, inject_layers=2, zero_shot=4),
+    "full": Scale(train=16000, heldout=500, points=3000, variants=4, tower_epochs=5, bind_epochs=2, point_epochs=2,
+                  stage1_scenes=3000, stage2_scenes=1500, batch=64, llm_batch=8, inject_layers=8, zero_shot=60),
+    "tiny": Scale(train=16, heldout=8, points=12, variants=4, tower_epochs=1, bind_epochs=1, point_epochs=2,
+                  stage1_scenes=16, stage2_scenes=16, batch=8, llm_batch=2, inject_layers=2, zero_shot=4),
 }
 
 
@@ -111,34 +122,64 @@ def bind_to_vision(out: Path, scale: Scale, modality: str, start: str) -> None:
         "bind.anchor=vision", f"bind.modalities=[{modality}]", "bind.mode=scratch",
         f"bind.imagebind={encoder / 'imagebind.pth'}", f"bind.imagebind_config={encoder / 'imagebind_config.json'}",
         f"data.train=[{world / f'train/pairs_vision_{modality}.jsonl'}]",
-        f"data.eval=[{world / f'heldout/pairs_vision_{modality}.jsonl'}]", f"train.epochs={scale.bind_epochs}"])
+        f"data.eval=[{world / f'heldout/pairs_vision_{modality}.jsonl'}]",
+        f"train.epochs={scale.point_epochs if modality == 'point' else scale.bind_epochs}",
+        f"bind.anchor_features={out / f'{modality}_anchor'}"])  # the frozen vision side, encoded once
+
+
+def step_encoder(out: Path) -> None:
+    """One encoder of every tower: the towers' checkpoint with the audio and point towers bound to its vision."""
+    state = read_state_dict(out / "towers" / "encoder" / "imagebind.pth", what="ImageBind checkpoint")
+    for modality in ("audio", "point"):
+        bound = read_state_dict(out / modality / "encoder" / "imagebind.pth", what="ImageBind checkpoint")
+        state.update({k: v for k, v in bound.items() if f".{modality}." in k})
+    (out / "encoder").mkdir(exist_ok=True)
+    torch.save(state, out / "encoder" / "imagebind.pth")
+    shutil.copyfile(out / "towers" / "encoder" / "imagebind_config.json", out / "encoder" / "imagebind_config.json")
 
 
 def train_stage(out: Path, scale: Scale, stage: int, files: list[str], sets: list[str]) -> None:
-    encoder, run = out / "point" / "encoder", out / f"stage{stage}"
+    encoder, run = out / "towers" / "encoder", out / f"stage{stage}"  # only its vision tower is used
     overrides = [
         f"model.imagebind={encoder / 'imagebind.pth'}", f"model.imagebind_config={encoder / 'imagebind_config.json'}",
         f"model.inject_layers={scale.inject_layers}", f"data.train=[{','.join(files)}]",
         f"data.image_root={out / 'world' / 'train'}", f"train.output_dir={run}", f"train.batch_size={scale.llm_batch}",
-        "data.num_workers=0", "train.progress=false", "train.save_every=100000", *sets]
+        f"model.bind_hidden_dim={BIND_HIDDEN}", "data.num_workers=0", "train.progress=false",
+        "train.save_every=100000", *sets]
     cli("train", f"stage{stage}", "--overwrite", *set_args(overrides), log=out / f"stage{stage}.log")
 
 
+def subset(source: Path, out: Path, n: int) -> str:
+    """The first ``n`` examples of a captions TSV (header kept) or an instructions JSON, written to ``out``."""
+    if source.suffix == ".tsv":
+        out.write_text("".join(source.read_text().splitlines(keepends=True)[:n + 1]))
+    else:
+        out.write_text(json.dumps(json.loads(source.read_text())[:n]))
+    return str(out)
+
+
+def stage_files(out: Path, stage: int, scenes: int, names: tuple[str, str]) -> list[str]:
+    """Stage ``stage``'s training files: ``scenes`` scenes and a fifth as many renders, the epoch's size
+    chosen for the time budget (the world holds more for the towers)."""
+    train, folder = out / "world" / "train", out / f"data{stage}"
+    folder.mkdir(exist_ok=True)
+    return [subset(train / name, folder / name, n) for name, n in zip(names, (scenes, max(scenes // 5, 1)))]
+
+
 def step_stage1(out: Path, scale: Scale) -> None:
-    train = out / "world" / "train"
-    train_stage(out, scale, 1, [str(train / "captions.tsv"), str(train / "render_captions.tsv")],
-                [f"train.epochs={scale.stage1_epochs}", "optim.lr=1e-3", "optim.warmup_epochs=0.05", "data.max_words=64"])
+    files = stage_files(out, 1, scale.stage1_scenes, ("captions.tsv", "render_captions.tsv"))
+    train_stage(out, scale, 1, files, ["train.epochs=1", "optim.lr=1e-3", "optim.warmup_epochs=0.05",
+                                       "data.max_words=64"])
 
 
 def step_stage2(out: Path, scale: Scale) -> None:
-    train = out / "world" / "train"
-    train_stage(out, scale, 2, [str(train / "instructions.json"), str(train / "render_instructions.json")],
-                [f"model.adapter={out / 'stage1' / 'pretrained'}", f"train.epochs={scale.stage2_epochs}",
-                 "optim.lr=5e-4", "optim.warmup_epochs=0.05", "data.max_words=200"])
+    files = stage_files(out, 2, scale.stage2_scenes, ("instructions.json", "render_instructions.json"))
+    train_stage(out, scale, 2, files, [f"model.adapter={out / 'stage1' / 'pretrained'}", "train.epochs=1",
+                                       "optim.lr=5e-4", "optim.warmup_epochs=0.05", "data.max_words=200"])
 
 
 def step_evaluate(out: Path, scale: Scale) -> None:
-    encoder, weights = out / "point" / "encoder", out / "stage2" / "pretrained"
+    encoder, weights = out / "encoder", out / "stage2" / "pretrained"
     model_args = ["--weights", str(weights), "--imagebind", str(encoder / "imagebind.pth"),
                   "--imagebind-config", str(encoder / "imagebind_config.json")]
     cli("eval", "mme", *model_args, "--data", str(out / "world" / "heldout" / "mme"), "--out", str(out / "mme"),
@@ -156,7 +197,7 @@ def zero_shot(out: Path, scale: Scale) -> dict[str, dict[str, float]]:
     names the primitive, with the trained gates and with every gate at zero (no media reaches the LLM)."""
     from imagebind_llm import create_model, load_media
 
-    encoder, heldout = out / "point" / "encoder", out / "world" / "heldout"
+    encoder, heldout = out / "encoder", out / "world" / "heldout"
     model = create_model(None, adapter=str(out / "stage2" / "pretrained"), imagebind=str(encoder / "imagebind.pth"),
                          imagebind_config=str(encoder / "imagebind_config.json"))
     sets = {"audio": (HEAR, lambda label, answer: all(w in answer for w in label.split())),
@@ -176,6 +217,44 @@ def zero_shot(out: Path, scale: Scale) -> dict[str, dict[str, float]]:
     return scores
 
 
+def step_ship(out: Path) -> None:
+    """The shippable model in ``out/demo``: the adapter folder and the whole encoder with float16 tensors (the
+    package ships <= 40 MB; the encoder's text token table alone is 25 MB in float32), which
+    ``create_model(adapter=demo, imagebind=demo/imagebind.safetensors)`` loads; and the training curves."""
+    ship = out / "demo"
+    ship.mkdir(exist_ok=True)
+    shutil.copyfile(out / "stage2" / "pretrained" / "config.json", ship / "config.json")
+    for state, name in ((load_file(str(out / "stage2" / "pretrained" / "adapter.safetensors")), "adapter.safetensors"),
+                        (read_state_dict(out / "encoder" / "imagebind.pth", what="ImageBind checkpoint"),
+                         "imagebind.safetensors")):
+        save_file({k: v.half().contiguous() if v.is_floating_point() else v for k, v in state.items()}, str(ship / name))
+    draw_curves({name: out / name / "log.jsonl" for name in TRAINED}, out / "curves.png")
+
+
+def draw_curves(logs: dict[str, Path], path: Path, width: int = 360, height: int = 220) -> None:
+    """One panel per run: training loss against step, read from its ``log.jsonl``, side by side in ``path``."""
+    font = ImageFont.load_default(size=12)
+    image = Image.new("RGB", (width * len(logs), height), "white")
+    draw = ImageDraw.Draw(image)
+    for i, (name, log) in enumerate(logs.items()):
+        rows = [json.loads(line) for line in log.read_text().splitlines()]
+        points = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+        left, top, right, bottom = i * width + 46, 24, (i + 1) * width - 12, height - 28
+        draw.rectangle([left, top, right, bottom], outline="#999999")
+        draw.text((left, 6), f"{name}: loss", fill="black", font=font)
+        if not points:
+            continue
+        steps, losses = zip(*points)
+        lo, hi, last = min(losses), max(losses), max(steps)
+        xy = [(left + (right - left) * s / last, bottom - (bottom - top) * (v - lo) / ((hi - lo) or 1))
+              for s, v in points]
+        draw.line(xy, fill="#1f77b4", width=2)
+        for value, y in ((hi, top), (lo, bottom)):
+            draw.text((i * width + 4, y - 6), f"{value:.2f}", fill="#555555", font=font)
+        draw.text((right - 40, bottom + 6), f"{last} steps", fill="#555555", font=font)
+    image.save(path)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="build folder (every step's run and log)")
@@ -186,14 +265,14 @@ def main() -> int:
     scale = SCALES[args.scale]
     args.out.mkdir(parents=True, exist_ok=True)
     done = {"world": "world/world.json", "towers": "towers/encoder/imagebind_config.json",
-            "audio": "audio/encoder/imagebind_config.json", "point": "point/encoder/imagebind_config.json",
+            "audio": "audio/encoder/imagebind_config.json", "point": "point/encoder/imagebind_config.json", "encoder": "encoder/imagebind_config.json",
             "stage1": "stage1/pretrained/config.json", "stage2": "stage2/pretrained/config.json",
-            "evaluate": "evaluate.json"}
+            "evaluate": "evaluate.json", "ship": "demo/imagebind.safetensors"}
     run = {"world": lambda: step_world(args.out, scale, args.seed), "towers": lambda: step_towers(args.out, scale),
            "audio": lambda: bind_to_vision(args.out, scale, "audio", "towers"),
-           "point": lambda: bind_to_vision(args.out, scale, "point", "audio"),
+           "point": lambda: bind_to_vision(args.out, scale, "point", "towers"), "encoder": lambda: step_encoder(args.out),
            "stage1": lambda: step_stage1(args.out, scale), "stage2": lambda: step_stage2(args.out, scale),
-           "evaluate": lambda: step_evaluate(args.out, scale)}
+           "evaluate": lambda: step_evaluate(args.out, scale), "ship": lambda: step_ship(args.out)}
     redo = STEPS[STEPS.index(args.start):] if args.start else ()
     for name in STEPS:
         if name not in redo and (args.out / done[name]).exists():

@@ -71,6 +71,8 @@ class ModelSpec:
         phase: ``"finetune"`` or ``"pretrain"``; None: the adapter's or the named model's, else finetune.
         max_seq_len: context length (the official model uses 512).
         lora_rank, inject_layers: the adapter structure (official: 16, every layer).
+        bind_hidden_dim, bind_blocks: the bind network's SwiGLU width (None: ``4 * llm.dim``) and residual blocks
+            (official: 3) of a new adapter; our folders record their own.
         feature_dim: the ImageBind width when there is no encoder (default: the adapter file's, else 1024).
         dtype, device: where the model lives.
         quantized: keep a GGUF base's quantised projections in their blocks (None: when the kernel builds).
@@ -92,6 +94,8 @@ class ModelSpec:
     max_seq_len: int = 512
     lora_rank: int = 16
     inject_layers: int | None = None
+    bind_hidden_dim: int | None = None
+    bind_blocks: int = 3
     feature_dim: int | None = None
     dtype: str = "float32"
     device: str = "cpu"
@@ -105,7 +109,9 @@ class ModelSpec:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         check_quantize(self.quantize, DTYPES[self.dtype], self.device)
-        for field in ("max_seq_len", "lora_rank"):
+        for field in ("max_seq_len", "lora_rank", "bind_blocks", "bind_hidden_dim"):
+            if field == "bind_hidden_dim" and self.bind_hidden_dim is None:
+                continue
             if not (isinstance(getattr(self, field), int) and getattr(self, field) >= 1):
                 raise ValueError(f"{field} must be a whole number >= 1, got {getattr(self, field)!r}")
 

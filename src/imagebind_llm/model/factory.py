@@ -164,6 +164,7 @@ def _adapter_config(spec: ModelSpec, ours: Path | None, official: Mapping[str, t
         feature_dim = official["image_bind_proj.weight"].shape[1]
     return AdapterConfig(feature_dim=feature_dim or AdapterConfig().feature_dim, phase=spec.phase or "finetune",
                          lora_rank=spec.lora_rank, inject_layers=spec.inject_layers,
+                         bind_hidden_dim=spec.bind_hidden_dim, bind_blocks=spec.bind_blocks,
                          legacy_bind=is_legacy_bind(official) if official is not None else False)
 
 

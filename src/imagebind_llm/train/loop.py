@@ -167,7 +167,8 @@ def build_model(cfg: ModelSection, phase: str, *, need_encoder: bool, feature_di
     return create_model(ModelSpec(
         llm=cfg.llm, adapter=cfg.adapter, tokenizer=cfg.tokenizer, imagebind=cfg.imagebind if need_encoder else None,
         with_encoder=need_encoder, imagebind_config=cfg.imagebind_config, phase=phase, max_seq_len=cfg.max_seq_len, lora_rank=cfg.lora_rank,
-        inject_layers=cfg.inject_layers, feature_dim=feature_dim, quantized=False))
+        inject_layers=cfg.inject_layers, bind_hidden_dim=cfg.bind_hidden_dim, bind_blocks=cfg.bind_blocks,
+        feature_dim=feature_dim, quantized=False))
 
 
 def cache_retrieve(cfg: ModelSection, model: ImageBindLLM, encoder: str) -> Retrieve | None:
