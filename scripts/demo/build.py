@@ -251,7 +251,7 @@ def draw_curves(logs: dict[str, Path], path: Path, width: int = 360, height: int
         draw.line(xy, fill="#1f77b4", width=2)
         for value, y in ((hi, top), (lo, bottom)):
             draw.text((i * width + 4, y - 6), f"{value:.2f}", fill="#555555", font=font)
-        draw.text((right - 40, bottom + 6), f"{last} steps", fill="#555555", font=font)
+        draw.text((right - 70, bottom + 6), f"{last} steps", fill="#555555", font=font)
     image.save(path)
 
 
