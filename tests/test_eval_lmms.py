@@ -105,7 +105,8 @@ def test_generate_until_answers_as_the_engine_with_the_documents_media(lm, engin
 
 def test_until_cuts_the_answer_before_the_stop_string(lm, engine):
     question = DOCS[0]["question"]
-    uncut = _answers(engine, [Request.ask(question, files_of(DOCS[0]), sampling=GREEDY.replace(max_new_tokens=6))])[0]
+    request = Request.ask(question, files_of(DOCS[0]), sampling=GREEDY.replace(max_new_tokens=6))
+    uncut = engine.submit(request).result().text  # unstripped: the stop string is searched in the raw answer
     stop = uncut[len(uncut) // 2:len(uncut) // 2 + 2]
     args = (question, {"max_new_tokens": 6, "until": stop}, doc_to_visual, 0, TASK, SPLIT)
     assert lm.generate_until([instance("generate_until", args)]) == [uncut[:uncut.index(stop)].strip()]

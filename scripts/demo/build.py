@@ -223,12 +223,12 @@ def step_ship(out: Path) -> None:
     ``create_model(adapter=demo, imagebind=demo/imagebind.safetensors)`` loads; and the training curves."""
     ship = out / "demo"
     ship.mkdir(exist_ok=True)
+    draw_curves({name: out / name / "log.jsonl" for name in TRAINED}, out / "curves.png")
     shutil.copyfile(out / "stage2" / "pretrained" / "config.json", ship / "config.json")
     for state, name in ((load_file(str(out / "stage2" / "pretrained" / "adapter.safetensors")), "adapter.safetensors"),
                         (read_state_dict(out / "encoder" / "imagebind.pth", what="ImageBind checkpoint"),
-                         "imagebind.safetensors")):
+                         "imagebind.safetensors")):  # the encoder last: its file marks the step done
         save_file({k: v.half().contiguous() if v.is_floating_point() else v for k, v in state.items()}, str(ship / name))
-    draw_curves({name: out / name / "log.jsonl" for name in TRAINED}, out / "curves.png")
 
 
 def draw_curves(logs: dict[str, Path], path: Path, width: int = 360, height: int = 220) -> None:
