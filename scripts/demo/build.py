@@ -116,8 +116,8 @@ def step_towers(out: Path, scale: Scale) -> None:
                                       f"data.group_size={scale.variants}", f"train.epochs={scale.tower_epochs}"])
 
 
-def bind_to_vision(out: Path, scale: Scale, modality: str, start: str) -> None:
-    world, encoder = out / "world", out / start / "encoder"
+def bind_to_vision(out: Path, scale: Scale, modality: str) -> None:
+    world, encoder = out / "world", out / "towers" / "encoder"
     train_bind(out, modality, scale, [
         "bind.anchor=vision", f"bind.modalities=[{modality}]", "bind.mode=scratch",
         f"bind.imagebind={encoder / 'imagebind.pth'}", f"bind.imagebind_config={encoder / 'imagebind_config.json'}",
@@ -269,8 +269,8 @@ def main() -> int:
             "stage1": "stage1/pretrained/config.json", "stage2": "stage2/pretrained/config.json",
             "evaluate": "evaluate.json", "ship": "demo/imagebind.safetensors"}
     run = {"world": lambda: step_world(args.out, scale, args.seed), "towers": lambda: step_towers(args.out, scale),
-           "audio": lambda: bind_to_vision(args.out, scale, "audio", "towers"),
-           "point": lambda: bind_to_vision(args.out, scale, "point", "towers"), "encoder": lambda: step_encoder(args.out),
+           "audio": lambda: bind_to_vision(args.out, scale, "audio"),
+           "point": lambda: bind_to_vision(args.out, scale, "point"), "encoder": lambda: step_encoder(args.out),
            "stage1": lambda: step_stage1(args.out, scale), "stage2": lambda: step_stage2(args.out, scale),
            "evaluate": lambda: step_evaluate(args.out, scale), "ship": lambda: step_ship(args.out)}
     redo = STEPS[STEPS.index(args.start):] if args.start else ()
