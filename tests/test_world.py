@@ -206,7 +206,8 @@ def test_training_files_are_read_by_the_trainer(world):
 def test_pair_manifests_and_zero_shot_sets(world):
     for split in ("train", "heldout"):
         folder = world / split
-        names = ["pairs_vision_text.jsonl", "pairs_vision_point.jsonl"] + ["pairs_vision_audio.jsonl"] * AUDIO
+        names = ["pairs_vision_text.jsonl", "pairs_vision_point.jsonl", "pairs_render_text.jsonl"] \
+            + ["pairs_vision_audio.jsonl"] * AUDIO
         for name in names:
             rows = [json.loads(line) for line in (folder / name).read_text().splitlines()]
             assert rows and all(set(row) <= set(MODALITIES) and "vision" in row for row in rows)
@@ -232,8 +233,10 @@ def test_render_captions_and_questions_name_each_clouds_primitive(world):
         captions = read_examples([folder / "render_captions.tsv"], image_root=folder)
         chats = read_examples([folder / "render_instructions.json"], image_root=folder)
         pairs = [json.loads(line) for line in (folder / "pairs_vision_point.jsonl").read_text().splitlines()]
+        texts = [json.loads(line) for line in (folder / "pairs_render_text.jsonl").read_text().splitlines()]
         assert [Path(ex.image) for ex in captions] == [Path(ex.image) for ex in chats] \
-            == [folder / row["vision"] for row in pairs]
+            == [folder / row["vision"] for row in pairs] == [folder / row["vision"] for row in texts]
+        assert [row["text"] for row in texts] == [ex.captions[0] for ex in captions]
         names = [ex.captions[0].removeprefix("a 3D ") for ex in captions]
         assert set(names) <= set(PRIMITIVES) and [ex.turns[0][1] for ex in chats] == [f"A {n}." for n in names]
         if split == "heldout":

@@ -92,7 +92,7 @@ def tower_settings(world: Path, towers_json: Path) -> list[str]:
     """The `train bind` settings of step (a): new vision and text towers of the sizes in ``towers_json``,
     trained against each other on the (scene, caption) pairs of ``world``."""
     return ["bind.anchor=null", "bind.modalities=[vision,text]", "bind.mode=joint", f"bind.imagebind_config={towers_json}",
-            f"data.train=[{world / 'train/pairs_vision_text.jsonl'}]",
+            f"data.train=[{world / 'train/pairs_vision_text.jsonl'},{world / 'train/pairs_render_text.jsonl'}]",
             f"data.eval=[{world / 'heldout/pairs_vision_text.jsonl'}]"]
 
 

@@ -32,6 +32,7 @@ file's own split folder (use it as ``data.image_root`` for training)::
       points/NNNNNN.npy           clouds [8192, 3] float32, centred, largest radius 1 (with --points)
       renders/NNNNNN.png          the shaded render of each cloud's solid
       pairs_vision_point.jsonl    {"vision": "renders/x.png", "point": "points/x.npy"}
+      pairs_render_text.jsonl     {"vision": "renders/x.png", "text": "a 3D torus"} (the towers learn the primitives)
       render_captions.tsv         stage 1 on the renders: columns image, caption ("a 3D torus")
       render_instructions.json    stage 2 on the renders: "What object is this?" -> "A torus."
     heldout/ also:

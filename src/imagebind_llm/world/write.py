@@ -150,12 +150,15 @@ def _write_clouds(folder: Path, seed: int, split: str, count: int, progress: boo
 
 
 def _write_render_text(folder: Path, rows: list[dict[str, str]]) -> None:
-    """What the LLM may learn about the renders (images only: it never sees a point cloud): stage-1 captions
+    """What text says about the renders (images only: the LLM never sees a point cloud): the pairs
+    ``pairs_render_text.jsonl`` that teach the vision tower the primitives, stage-1 captions
     ``render_captions.tsv`` and stage-2 questions ``render_instructions.json`` naming each primitive."""
+    captions = [f"a 3D {r['label']}" for r in rows]
+    _write_jsonl(folder / "pairs_render_text.jsonl", [{"vision": r["vision"], "text": c} for r, c in zip(rows, captions)])
     with open(folder / "render_captions.tsv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, delimiter="\t", lineterminator="\n")
         writer.writerow(["image", "caption"])
-        writer.writerows([r["vision"], f"a 3D {r['label']}"] for r in rows)
+        writer.writerows([r["vision"], c] for r, c in zip(rows, captions))
     chats = [{"id": Path(r["vision"]).stem, "image": r["vision"], "conversations": [
         {"from": "human", "value": f"<image>\n{RENDER_QUESTION}"}, {"from": "gpt", "value": f"A {r['label']}."}]}
         for r in rows]
