@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -61,7 +62,12 @@ def setup(device: str = "auto") -> torch.device:
 
 
 def teardown() -> None:
+    """Leave the process group (call it in a ``finally``). After a success the ranks first meet at a barrier:
+    a rank that destroyed the group while a peer still used it died with "terminate called without an active
+    exception"; after a failure no barrier, as the other ranks may never get there."""
     if is_distributed():
+        if sys.exc_info()[0] is None:
+            dist.barrier()
         dist.destroy_process_group()
 
 
