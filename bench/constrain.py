@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = ibl.create_model("demo", max_seq_len=1024)
+    model = ibl.create_model("tiny-random", max_seq_len=1024)
     engine = Engine(model, max_batch=args.max_batch, max_queue=10_000, max_context=1024, background=False)
     cases = [(s, p) for s in args.schemas.split(",") for p in prompts(s, args.prompts)]
     print(f"{len(cases)} cases ({args.prompts} prompts x {len(args.schemas.split(','))} schemas), "

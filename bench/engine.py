@@ -1,6 +1,6 @@
 """Serving under load: continuous batching (`Engine`) vs static batches vs one request at a time.
 
-The embedded default model (``create_model("demo")``: SmolLM2-135M + small random ImageBind) serves
+The embedded tiny model (``create_model("tiny-random")``: SmolLM2-135M + small random ImageBind) serves
 ``--requests`` requests arriving as a Poisson process (``--rate`` per second, ``--seed``), a mix of
 text-only and image questions (``--image-fraction``), each with its own answer length (``max_new_tokens``
 drawn from ``--min-new..--max-new``). Decoding is greedy with no stop token (``stop_token_ids=()``), so
@@ -230,7 +230,7 @@ def main() -> None:
     jobs = workload(args.requests, args.rate, args.seed, args.min_new, args.max_new, args.image_fraction)
 
     def load():
-        model = ibl.create_model("demo")
+        model = ibl.create_model("tiny-random")
         template = Engine(model, background=False).template
         warm = jobs[:2]
         model.generate([template.render(j.request.text_messages()) for j in warm],

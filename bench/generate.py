@@ -1,4 +1,4 @@
-"""Multimodal request latency of ImageBind-LLM on the embedded default model, stage by stage.
+"""Multimodal request latency of ImageBind-LLM on the embedded tiny model (``"tiny-random"``), stage by stage.
 
 For batch 1 and 8 (image + audio per request): media decoding, ImageBind encoding, bind network and
 injection terms, prefill, and decode tokens/s. Peers measured in the same run: the same requests
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from imagebind_llm.llm.generate import generate_tokens
-from imagebind_llm.model.factory import build_default
+from imagebind_llm.model.factory import create_model
 from imagebind_llm.model.media import load_media
 
 MEDIA = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "media"
@@ -76,8 +76,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
-    model = build_default(dtype=getattr(torch, args.dtype), device=args.device)
-    print(f"embedded default (SmolLM2-135M + small ImageBind, {args.dtype}) on {args.device}, "
+    model = create_model("tiny-random", dtype=args.dtype, device=args.device)
+    print(f"tiny-random (SmolLM2-135M + small random ImageBind, {args.dtype}) on {args.device}, "
           f"{torch.get_num_threads()} threads, {args.new_tokens} new tokens, image + audio per request\n")
     header = ("batch", "media ms", "encoder ms", "bind ms", "prefill ms", "decode tok/s", "plain LLM tok/s",
               "injection cost", "one-by-one tok/s", "batching gain")

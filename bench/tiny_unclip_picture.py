@@ -32,7 +32,7 @@ def main() -> None:
 
     y, x = np.mgrid[0:224, 0:224] / 223.0
     picture = torch.from_numpy(np.stack([x, y, 1 - x * y])).float()[None]  # a gradient "street"
-    engine = Engine(ibl.create_model("demo"), background=False)
+    engine = Engine(ibl.create_model("tiny-random"), background=False)
     request = Request.ask("", {"image": picture, "text": "rain on a street"}, {"image": 0.4, "text": 0.6})
     embeds = image_embedding(engine, request)
     image = UnCLIP(tiny_pipeline(embeds.shape[-1], seed=args.seed)).generate(

@@ -42,7 +42,7 @@ def build(config: str, encoder_size: str, phase: str) -> ImageBindLLM:
                          imagebind=None if huge else FIXTURES / "imagebind" / "imagebind_small.pth",
                          imagebind_config=FIXTURES / "imagebind" / "imagebind_small.json")
     else:
-        spec = ModelSpec(name="demo", phase=phase)
+        spec = ModelSpec(name="tiny-random", phase=phase)
     spec = spec.replace(quantized=False)  # training multiplies by dense weights, as the recipes do
     model = create_model(spec.replace(feature_dim=1024) if huge else spec)
     if huge:

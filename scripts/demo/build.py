@@ -3,6 +3,7 @@ stage 1 -> stage 2 -> evaluation, each step with the project's own commands.
 
     .venv/bin/python scripts/demo/build.py --out runs/demo              # the full recipe
     .venv/bin/python scripts/demo/build.py --out /tmp/d --scale tiny    # minutes: a smoke run of every step
+    .venv/bin/python scripts/demo/build.py --out runs/demo --install    # then make it the package's demo model
 
 Steps (each skipped when its output exists, so an interrupted build continues; ``--from STEP`` redoes that
 step and the ones after it):
@@ -14,21 +15,27 @@ step and the ones after it):
    Never audio-text or point-text pairs: ImageBind binds through images.
 5. ``encoder``: the towers' encoder with the audio and point towers of steps 3 and 4 (``encoder/``).
 6. ``stage1``: ``train stage1`` on SmolLM2 with (scene, caption) and (render, "a 3D torus").
-7. ``stage2``: ``train stage2`` on the scenes' questions and the renders' "What object is this?".
+7. ``stage2``: ``train stage2`` on the scenes' questions, each its own one-turn sample (`single_turns`), and the
+   renders' "What object is this?".
 8. ``evaluate``: MME on the held-out scenes (``eval mme``), and the emergent zero-shot check: the LLM, which
    never saw audio or points, asked about held-out spoken captions and point clouds, with trained and with
    zero gates; writes ``evaluate.json``.
 9. ``ship``: ``demo/`` holds the model as a package would ship it (adapter folder + the encoder as float16
    safetensors), ``curves.png`` every training step's loss.
 
-Steps 3, 4 and 6-7 only read the frozen vision tower of step 2, so they may also run side by side (with
-``OMP_NUM_THREADS=1`` each on two cores: two 2-thread trainings on 2 cores ran 4-6x slower than one alone).
+Steps 3, 4 and 6-7 only read the frozen vision tower of step 2, so they may also run side by side, with
+``--only`` and ``OMP_NUM_THREADS=1`` each on two cores (two 2-thread trainings on 2 cores ran 4-6x slower than
+one alone)::
+
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/demo/build.py --out runs/demo --only audio point encoder &
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/demo/build.py --out runs/demo --only stage1 stage2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import shutil
 import subprocess
 import sys
@@ -41,7 +48,8 @@ from PIL import Image, ImageDraw, ImageFont
 from safetensors.torch import load_file, save_file
 
 from imagebind_llm.eval.mme_score import score_dir
-from imagebind_llm.hub import read_state_dict
+from imagebind_llm.hub import DEMO_DIR, read_state_dict
+from imagebind_llm.world.language import MME_SUFFIX
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from towers import TOWERS, tower_settings  # noqa: E402  (the tower sizes live with their measurements)
@@ -51,6 +59,7 @@ TRAINED = ("towers", "audio", "point", "stage1", "stage2")  # the steps whose lo
 BIND_HIDDEN = 576  # the bind network's SwiGLU width: SmolLM2's own; the official 4 x 576 made a 48 MB adapter
 HEAR = "Describe this image in detail."  # asked about a spoken caption: the LLM only ever learned to describe images
 WHAT = "What object is this?"  # asked about a point cloud (the renders' stage-2 question)
+FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "demo"
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,8 @@ class Scale:
     point_epochs: int
     stage1_scenes: int  # scenes (and a fifth as many renders) of stage 1's one epoch; stage 2 likewise
     stage2_scenes: int
+    yes_no: int  # stage 2: yes/no questions and open questions asked per scene, each a one-turn sample
+    open: int
     batch: int
     llm_batch: int
     inject_layers: int
@@ -73,10 +84,16 @@ class Scale:
 
 
 SCALES = {
-    "full": Scale(train=16000, heldout=500, points=3000, variants=4, tower_epochs=5, bind_epochs=2, point_epochs=2,
-                  stage1_scenes=3000, stage2_scenes=1500, batch=64, llm_batch=8, inject_layers=8, zero_shot=60),
+    "full": Scale(train=16000, heldout=500, points=3000, variants=4, tower_epochs=5, bind_epochs=3, point_epochs=3,
+                  stage1_scenes=3000, stage2_scenes=1800, yes_no=4, open=2, batch=64, llm_batch=8, inject_layers=8,
+                  zero_shot=60),
+    # the same world, about half the compute (for a machine at half speed: towers ran 22 pairs/s on 2026-12-02)
+    "quick": Scale(train=16000, heldout=500, points=3000, variants=4, tower_epochs=3, bind_epochs=2, point_epochs=2,
+                   stage1_scenes=2000, stage2_scenes=600, yes_no=4, open=2, batch=64, llm_batch=8, inject_layers=8,
+                   zero_shot=60),
     "tiny": Scale(train=16, heldout=8, points=12, variants=4, tower_epochs=1, bind_epochs=1, point_epochs=2,
-                  stage1_scenes=16, stage2_scenes=16, batch=8, llm_batch=2, inject_layers=2, zero_shot=4),
+                  stage1_scenes=16, stage2_scenes=16, yes_no=2, open=1, batch=8, llm_batch=2, inject_layers=2,
+                  zero_shot=4),
 }
 
 
@@ -172,10 +189,30 @@ def step_stage1(out: Path, scale: Scale) -> None:
                                        "data.max_words=64"])
 
 
-def step_stage2(out: Path, scale: Scale) -> None:
+def single_turns(path: str, yes_no: int, open_: int, seed: int) -> None:
+    """Rewrite the conversations of ``path`` as one-turn samples: per scene ``yes_no`` of its MME-form
+    questions and ``open_`` of the others, drawn at random. Whole conversations teach a shortcut: a question
+    asked after the description or a related question is answered from the text above it, not the image (a
+    first run's yes/no answers followed the image, not the question); and each turn repeats the ~40-token
+    prompt template, so 200 tokens held only the first four of a scene's ~16 questions."""
+    rng, samples = random.Random(seed), []
+    for chat in json.loads(Path(path).read_text()):
+        turns = chat["conversations"]
+        pairs = [(turns[i]["value"].removeprefix("<image>\n"), turns[i + 1]["value"]) for i in range(0, len(turns), 2)]
+        asked = [qa for qa in pairs if qa[0].endswith(MME_SUFFIX)]
+        rest = [qa for qa in pairs if not qa[0].endswith(MME_SUFFIX)]
+        for j, (question, answer) in enumerate(rng.sample(asked, min(yes_no, len(asked)))
+                                               + rng.sample(rest, min(open_, len(rest)))):
+            samples.append({"id": f"{chat['id']}-{j}", "image": chat["image"], "conversations": [
+                {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]})
+    Path(path).write_text(json.dumps(samples))
+
+
+def step_stage2(out: Path, scale: Scale, seed: int) -> None:
     files = stage_files(out, 2, scale.stage2_scenes, ("instructions.json", "render_instructions.json"))
+    single_turns(files[0], scale.yes_no, scale.open, seed)
     train_stage(out, scale, 2, files, [f"model.adapter={out / 'stage1' / 'pretrained'}", "train.epochs=1",
-                                       "optim.lr=5e-4", "optim.warmup_epochs=0.05", "data.max_words=200"])
+                                       "optim.lr=5e-4", "optim.warmup_epochs=0.05", "data.max_words=160"])
 
 
 def step_evaluate(out: Path, scale: Scale) -> None:
@@ -195,26 +232,38 @@ def step_evaluate(out: Path, scale: Scale) -> None:
 def zero_shot(out: Path, scale: Scale) -> dict[str, dict[str, float]]:
     """Share of held-out clips whose answer names the right colour and shape, and of clouds whose answer
     names the primitive, with the trained gates and with every gate at zero (no media reaches the LLM)."""
-    from imagebind_llm import create_model, load_media
+    from imagebind_llm import create_model
 
     encoder, heldout = out / "encoder", out / "world" / "heldout"
     model = create_model(None, adapter=str(out / "stage2" / "pretrained"), imagebind=str(encoder / "imagebind.pth"),
                          imagebind_config=str(encoder / "imagebind_config.json"))
-    sets = {"audio": (HEAR, lambda label, answer: all(w in answer for w in label.split())),
-            "point": (WHAT, lambda label, answer: label in answer)}
-    trained = [g.detach().clone() for g in model.gates]
     scores: dict[str, dict[str, float]] = {}
-    for modality, (question, right) in sets.items():
+    for modality in ("audio", "point"):
         rows = [json.loads(line) for line in (heldout / f"zeroshot_{modality}.jsonl").read_text().splitlines()]
-        rows = rows[:scale.zero_shot]
         for gates in ("trained", "zero"):
-            for g, value in zip(model.gates, trained):
-                g.copy_(value if gates == "trained" else torch.zeros_like(value))
-            answers = [model.ask(question, load_media({modality: str(heldout / row[modality])}), temperature=0,
-                                 max_new_tokens=48).lower() for row in rows]
-            hits = [right(row["label"], answer) for row, answer in zip(rows, answers)]
+            hits = named(model, modality, rows[:scale.zero_shot], heldout, zero_gates=gates == "zero")
             scores.setdefault(modality, {})[gates] = sum(hits) / max(len(hits), 1)
     return scores
+
+
+@torch.inference_mode()
+def named(model, modality: str, rows: list[dict[str, str]], root: Path, zero_gates: bool = False) -> list[bool]:
+    """Whether the answer about each zero-shot row (``{modality: path under root, "label": ...}``) names its
+    label: a clip's colour and shape (asked `HEAR`), a cloud's primitive (asked `WHAT`)."""
+    from imagebind_llm import load_media
+
+    trained = [g.detach().clone() for g in model.gates]
+    question = HEAR if modality == "audio" else WHAT
+    try:
+        if zero_gates:
+            for g in model.gates:
+                g.zero_()
+        answers = [model.ask(question, load_media({modality: str(root / row[modality])}), temperature=0,
+                             max_new_tokens=48).lower() for row in rows]
+    finally:
+        for g, value in zip(model.gates, trained):
+            g.copy_(value)
+    return [all(word in answer for word in row["label"].split()) for row, answer in zip(rows, answers)]
 
 
 def step_ship(out: Path) -> None:
@@ -229,6 +278,28 @@ def step_ship(out: Path) -> None:
                         (read_state_dict(out / "encoder" / "imagebind.pth", what="ImageBind checkpoint"),
                          "imagebind.safetensors")):  # the encoder last: its file marks the step done
         save_file({k: v.half().contiguous() if v.is_floating_point() else v for k, v in state.items()}, str(ship / name))
+
+
+def install(out: Path, sample: int = 12) -> None:
+    """Make ``out/demo`` the package's demo model, and copy a held-out sample into ``tests/fixtures/demo``
+    (what the demo model's tests ask about): the first ``sample`` zero-shot clips and clouds with their
+    manifests, and the first ``sample`` images of each MME subtask with their questions."""
+    shutil.copytree(out / "demo", DEMO_DIR, dirs_exist_ok=True)
+    heldout = out / "world" / "heldout"
+    shutil.rmtree(FIXTURES, ignore_errors=True)
+    for modality in ("audio", "point"):
+        manifest = f"zeroshot_{modality}.jsonl"
+        rows = (heldout / manifest).read_text().splitlines()[:sample]
+        for row in map(json.loads, rows):
+            (FIXTURES / row[modality]).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(heldout / row[modality], FIXTURES / row[modality])
+        (FIXTURES / manifest).write_text("".join(line + "\n" for line in rows))
+    for task in sorted((heldout / "mme").iterdir()):
+        for image in sorted((task / "images").iterdir())[:sample]:
+            for kind, name in (("images", image.name), ("questions_answers_YN", f"{image.stem}.txt")):
+                (FIXTURES / "mme" / task.name / kind).mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(task / kind / name, FIXTURES / "mme" / task.name / kind / name)
+    print(f"installed {out / 'demo'} as the package's demo model in {DEMO_DIR}; test media in {FIXTURES}")
 
 
 def draw_curves(logs: dict[str, Path], path: Path, width: int = 360, height: int = 220) -> None:
@@ -261,6 +332,8 @@ def main() -> int:
     p.add_argument("--scale", choices=sorted(SCALES), default="full")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--from", dest="start", choices=STEPS, help="redo this step and every later one")
+    p.add_argument("--only", nargs="+", choices=STEPS, default=STEPS, help="run only these steps")
+    p.add_argument("--install", action="store_true", help=f"copy the shipped model into {DEMO_DIR} (the default model)")
     args = p.parse_args()
     scale = SCALES[args.scale]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -271,16 +344,20 @@ def main() -> int:
     run = {"world": lambda: step_world(args.out, scale, args.seed), "towers": lambda: step_towers(args.out, scale),
            "audio": lambda: bind_to_vision(args.out, scale, "audio"),
            "point": lambda: bind_to_vision(args.out, scale, "point"), "encoder": lambda: step_encoder(args.out),
-           "stage1": lambda: step_stage1(args.out, scale), "stage2": lambda: step_stage2(args.out, scale),
+           "stage1": lambda: step_stage1(args.out, scale), "stage2": lambda: step_stage2(args.out, scale, args.seed),
            "evaluate": lambda: step_evaluate(args.out, scale), "ship": lambda: step_ship(args.out)}
     redo = STEPS[STEPS.index(args.start):] if args.start else ()
     for name in STEPS:
+        if name not in args.only:
+            continue
         if name not in redo and (args.out / done[name]).exists():
             print(f"{name}: done ({args.out / done[name]})")
             continue
         start = time.time()
         run[name]()
         print(f"{name}: {time.time() - start:.0f} s", flush=True)
+    if args.install:
+        install(args.out)
     return 0
 
 

@@ -27,7 +27,7 @@ def add_imagine_command(subparsers: argparse._SubParsersAction) -> None:
                     "as the official demo), optionally blend them with a retrieval cache, and draw PROMPT from them "
                     f"with Stable unCLIP ({DEFAULT_PIPELINE}, downloaded on first use). Needs the extra: "
                     "pip install 'imagebind-llm[images]'. Only the ImageBind encoder matters: --imagebind "
-                    "imagebind_w3D.pth (or --name) for real pictures; without it the embedded demo's small random "
+                    "imagebind_w3D.pth (or --name) for real pictures; without it a small random "
                     "encoder is used.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -66,8 +66,9 @@ def run_imagine(args: argparse.Namespace) -> int:
         raise ValueError("no media: give at least one input (--image, --audio, --video, --text, --point, ...)")
     _diffusers()  # the extra and the pipeline before the model: the clear errors first
     source = resolve_pipeline(args.unclip, download=not args.no_download)
-    uses_demo(args, None if args.imagebind else "no --imagebind/--name: the embedded demo's small random ImageBind "
-                    "gives meaningless embeddings; pass --imagebind imagebind_w3D.pth for real pictures")
+    uses_demo(args, None if args.imagebind else "no --imagebind/--name: a small random ImageBind (the demo's "
+                    "synthetic-world encoder has no unCLIP decoder) gives meaningless embeddings; pass --imagebind "
+                    "imagebind_w3D.pth for real pictures", name="tiny-random")
     engine = build_engine(args, max_batch=1, background=False)
     request = Request.ask(args.prompt, media, weights, blend=blend_options(args))
     embeds = image_embedding(engine, request, point_scale=args.point_scale)

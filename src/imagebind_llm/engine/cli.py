@@ -16,7 +16,7 @@ from imagebind_llm.cache.blend import BlendOptions
 from imagebind_llm.engine.chat import ChatSession
 from imagebind_llm.engine.engine import Engine
 from imagebind_llm.engine.request import Request
-from imagebind_llm.hub import MODELS
+from imagebind_llm.hub import DEMO_NOTE, MODELS
 from imagebind_llm.llm.generate import SamplingOptions
 from imagebind_llm.llm.weights import QUANT_TYPES
 from imagebind_llm.model.config import DTYPES, ModelSpec
@@ -139,20 +139,24 @@ def loaded_media(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, fl
     return {name: tensor for name, (tensor, _) in loaded.items()}, {name: w for name, (_, w) in loaded.items()}
 
 
-def uses_demo(args: argparse.Namespace, note: str | None = None) -> bool:
-    """When no model option is given, choose the embedded demo (it has an ImageBind encoder, so media work),
-    printing ``note`` on stderr; returns whether it did."""
+def uses_demo(args: argparse.Namespace, note: str | None = DEMO_NOTE, name: str = "demo") -> bool:
+    """When no model option is given, choose the embedded model ``name`` (it has an ImageBind encoder, so
+    media work), printing ``note`` on stderr; returns whether it did."""
     if args.name or args.model or args.adapter or args.weights:
         return False
     if note:
         print(f"note: {note}", file=sys.stderr)
-    args.name = "demo"
+    args.name = name
     return True
 
 
 def default_template(args: argparse.Namespace) -> str | None:
-    """Alpaca (ImageBind-LLM's format) for ImageBind-LLM weights; else None: the model's own chat template."""
-    return "alpaca" if args.adapter or args.weights or args.name not in (None, "demo") else None
+    """The prompt format of the weights: the named model's, Alpaca (ImageBind-LLM's format) for other
+    ImageBind-LLM weights, else None: the model's own chat template."""
+    if args.adapter or args.weights:
+        return "alpaca"
+    template = MODELS[args.name].template if args.name in MODELS else None
+    return None if template == "model" else template
 
 
 def model_spec(args: argparse.Namespace) -> ModelSpec:
@@ -162,8 +166,7 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
     if args.adapter and args.weights:
         raise ValueError("give --adapter (an official file) or --weights (our folder), not both")
     if _media(args) or getattr(args, "cache", None):
-        uses_demo(args, "embedded demo model (untrained gates): media do not influence the answer until trained or "
-                        "released weights are loaded (--model/--adapter, --weights or --name)")
+        uses_demo(args)
     return ModelSpec(name=args.name, llm=args.model, adapter=args.adapter or args.weights, imagebind=args.imagebind,
                      imagebind_config=args.imagebind_config, phase=args.phase, dtype=args.dtype, device=args.device,
                      quantize=args.quantize)

@@ -87,8 +87,7 @@ def run_mme_command(args: argparse.Namespace) -> int:
         print(f"note: no folder for subtasks {', '.join(missing)}: skipped", file=sys.stderr)
     if args.model and not (args.adapter or args.weights or args.name):
         raise ValueError("MME asks about images: add --adapter (official file) or --weights to --model")
-    uses_demo(args, "no model given: the embedded demo model (untrained gates: the answers ignore the images); "
-                    "give --name, --model/--adapter or --weights for real scores")
+    uses_demo(args)
     engine = build_engine(args, max_batch=args.batch, max_context=args.max_context, background=False,
                           template="alpaca")
     model = {field: getattr(args, field) for field in MODEL_FIELDS}

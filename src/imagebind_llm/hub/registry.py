@@ -8,6 +8,18 @@ a recipe of base LLM, delta, adapter, encoder and preprocessing, so that one nam
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
+# The demo model shipped in the package: an adapter folder (config.json + adapter.safetensors) and its small
+# ImageBind (imagebind.safetensors), trained on synthetic scenes by `scripts/demo/build.py --install`. Until
+# it is installed, "demo" is the blind "tiny-random".
+DEMO_DIR = Path(__file__).resolve().parent.parent / "data" / "demo"
+DEMO_INSTALLED = (DEMO_DIR / "imagebind.safetensors").is_file()
+DEMO_NOTE = ("the embedded demo model, trained on synthetic scenes (coloured shapes, signs, digits, spoken captions, "
+             "3D primitives): for real photos load the released weights (--name imagebind-llm-7b)" if DEMO_INSTALLED
+             else "the embedded demo model (small random ImageBind, zero gates): media do not influence the answer "
+                  "until trained or released weights are loaded (--model/--adapter, --weights or --name)")
+
 
 @dataclass(frozen=True)
 class WeightFile:
@@ -74,8 +86,8 @@ class NamedModel:
             cannot be downloaded (Meta's licence): the user passes its folder as ``llm=``.
         delta: registry names of the delta weights and their ``params.json`` added to the base
             (``merge-delta``), or None.
-        adapter: registry name of the official adapter file, or None.
-        imagebind: registry name of the ImageBind checkpoint; None with ``demo_encoder`` or without media.
+        adapter: registry name of the official adapter file, a path (our folder), or None.
+        imagebind: registry name or path of the ImageBind checkpoint; None with ``demo_encoder`` or without media.
         demo_encoder: a small randomly initialised ImageBind (the embedded demo).
         phase: adapter structure, ``"finetune"`` (stage 2) or ``"pretrain"`` (stage 1).
         template: the prompt format the adapter was trained with.
@@ -102,6 +114,10 @@ MODELS: dict[str, NamedModel] = {m.name: m for m in (
                adapter="7B-pretrained.pth", imagebind="imagebind_w3D.pth", phase="pretrain"),
     NamedModel("imagebind-llm-7b-beta", "legacy release on vanilla LLaMA-7B: 7B-beta.pth + imagebind_huge.pth",
                base="llama-7b", adapter="7B-beta.pth", imagebind="imagebind_huge.pth"),
-    NamedModel("demo", "embedded SmolLM2-135M-Instruct + a small random ImageBind (zero gates: blind)",
-               demo_encoder=True, template="model"),
+    NamedModel("demo", "embedded SmolLM2-135M-Instruct + an adapter and a small ImageBind trained here on "
+               "synthetic scenes", adapter=str(DEMO_DIR), imagebind=str(DEMO_DIR / "imagebind.safetensors"))
+    if DEMO_INSTALLED else NamedModel("demo", "embedded SmolLM2-135M-Instruct + a small random ImageBind (zero "
+                                      "gates: blind; no trained demo installed)", demo_encoder=True, template="model"),
+    NamedModel("tiny-random", "embedded SmolLM2-135M-Instruct + a small random ImageBind (zero gates: blind); "
+               "for smoke runs and tests", demo_encoder=True, template="model"),
 )}

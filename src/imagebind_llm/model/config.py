@@ -64,7 +64,7 @@ class ModelSpec:
         imagebind: an official ImageBind checkpoint (path or registry name); None: no encoder unless
             ``demo_encoder`` or an adapter folder that records one.
         imagebind_config: JSON file of ImageBindModel arguments (default: huge, point branch as in the file).
-        demo_encoder: a small, randomly initialised ImageBind (the embedded demo; seeded by ``seed``).
+        demo_encoder: a small, randomly initialised ImageBind (``"tiny-random"``; seeded by ``seed``).
         with_encoder: False builds no ImageBind whatever the other fields say (training from features,
             text-only use): saves its memory (4.5 GB in float32 for huge).
         tokenizer: a tokenizer file when it is not beside the base weights.

@@ -51,7 +51,8 @@ def create_model(spec: ModelSpec | str | None = "demo", **changes) -> ImageBindL
     """Build the model ``spec`` describes (a `ModelSpec`, or a named model such as ``"imagebind-llm-7b"``).
 
     ``changes`` override fields of the spec: ``create_model("imagebind-llm-7b", llm="llama_dir/7B")``.
-    Without arguments: the embedded demo (SmolLM2 + a small random ImageBind, zero gates).
+    Without arguments: the embedded demo (SmolLM2 + an adapter and a small ImageBind trained on synthetic
+    scenes, `scripts/demo/build.py`); ``"tiny-random"``: the same LLM with a random encoder and zero gates.
 
     Raises:
         ValueError: an unknown named model, or parts that do not fit together (the message says which).
@@ -84,13 +85,6 @@ def create_model(spec: ModelSpec | str | None = "demo", **changes) -> ImageBindL
         load_adapter_tensors(model, load_file(str(ours / ADAPTER_FILE)), layout="ours",
                              allow_missing=config.phase != saved_phase)
     return model.eval()
-
-
-def build_default(*, phase: str = "finetune", dtype: torch.dtype = torch.float32,
-                  device: torch.device | str = "cpu", seed: int = 0) -> ImageBindLLM:
-    """The embedded demo: ``create_model("demo")`` with these options."""
-    dtype_name = next(k for k, v in DTYPES.items() if v == dtype)
-    return create_model("demo", phase=phase, dtype=dtype_name, device=str(device), seed=seed)
 
 
 def _apply_named(spec: ModelSpec) -> ModelSpec:
