@@ -34,12 +34,14 @@ one alone)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -246,23 +248,31 @@ def zero_shot(out: Path, scale: Scale) -> dict[str, dict[str, float]]:
     return scores
 
 
+@contextlib.contextmanager
+def gates_off(model) -> Iterator[None]:
+    """Every gate of ``model`` at zero inside the block (no media reaches the LLM); the trained values after."""
+    trained = [g.detach().clone() for g in model.gates]
+    with torch.no_grad():
+        for g in model.gates:
+            g.zero_()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for g, value in zip(model.gates, trained):
+                g.copy_(value)
+
+
 @torch.inference_mode()
 def named(model, modality: str, rows: list[dict[str, str]], root: Path, zero_gates: bool = False) -> list[bool]:
     """Whether the answer about each zero-shot row (``{modality: path under root, "label": ...}``) names its
     label: a clip's colour and shape (asked `HEAR`), a cloud's primitive (asked `WHAT`)."""
     from imagebind_llm import load_media
 
-    trained = [g.detach().clone() for g in model.gates]
     question = HEAR if modality == "audio" else WHAT
-    try:
-        if zero_gates:
-            for g in model.gates:
-                g.zero_()
+    with gates_off(model) if zero_gates else contextlib.nullcontext():
         answers = [model.ask(question, load_media({modality: str(root / row[modality])}), temperature=0,
                              max_new_tokens=48).lower() for row in rows]
-    finally:
-        for g, value in zip(model.gates, trained):
-            g.copy_(value)
     return [all(word in answer for word in row["label"].split()) for row, answer in zip(rows, answers)]
 
 
