@@ -88,7 +88,8 @@ def hf_smollm2(smollm2_gguf):
 
 @pytest.fixture(scope="session")
 def seeing_demo():
-    """The tiny random model (SmolLM2 + a small random ImageBind) with its gates at 0.5, so that media change the answers (512-token context).
+    """The tiny random model (SmolLM2 + a small random ImageBind) with its gates at 0.5, so that media change
+    the answers (512-token context).
 
     One engine at a time may use it (an engine owns the model's KV cache)."""
     import imagebind_llm as ibl

@@ -7,7 +7,7 @@ a recipe of base LLM, delta, adapter, encoder and preprocessing, so that one nam
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 # The demo model shipped in the package: an adapter folder (config.json + adapter.safetensors) and its small
@@ -104,6 +104,8 @@ class NamedModel:
     template: str = "alpaca"
 
 
+_TINY_RANDOM = NamedModel("tiny-random", "embedded SmolLM2-135M-Instruct + a small random ImageBind (zero gates: "
+                          "blind); for smoke runs and tests", demo_encoder=True, template="model")
 MODELS: dict[str, NamedModel] = {m.name: m for m in (
     NamedModel("imagebind-llm-7b", "the released chat model: LLaMA-7B + Open-Chinese delta + 7B.pth + "
                "imagebind_w3D.pth (pass llm=LLaMA-7B folder)", base="llama-7b",
@@ -116,8 +118,7 @@ MODELS: dict[str, NamedModel] = {m.name: m for m in (
                base="llama-7b", adapter="7B-beta.pth", imagebind="imagebind_huge.pth"),
     NamedModel("demo", "embedded SmolLM2-135M-Instruct + an adapter and a small ImageBind trained here on "
                "synthetic scenes", adapter=str(DEMO_DIR), imagebind=str(DEMO_DIR / "imagebind.safetensors"))
-    if DEMO_INSTALLED else NamedModel("demo", "embedded SmolLM2-135M-Instruct + a small random ImageBind (zero "
-                                      "gates: blind; no trained demo installed)", demo_encoder=True, template="model"),
-    NamedModel("tiny-random", "embedded SmolLM2-135M-Instruct + a small random ImageBind (zero gates: blind); "
-               "for smoke runs and tests", demo_encoder=True, template="model"),
+    if DEMO_INSTALLED else replace(_TINY_RANDOM, name="demo", description="the same as tiny-random (blind): no "
+                                   "trained demo installed (scripts/demo/build.py --install)"),
+    _TINY_RANDOM,
 )}

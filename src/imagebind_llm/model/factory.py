@@ -52,7 +52,8 @@ def create_model(spec: ModelSpec | str | None = "demo", **changes) -> ImageBindL
 
     ``changes`` override fields of the spec: ``create_model("imagebind-llm-7b", llm="llama_dir/7B")``.
     Without arguments: the embedded demo (SmolLM2 + an adapter and a small ImageBind trained on synthetic
-    scenes, `scripts/demo/build.py`); ``"tiny-random"``: the same LLM with a random encoder and zero gates.
+    scenes by `scripts/demo/build.py --install`; until one is installed, ``"tiny-random"``: the same LLM with a
+    random encoder and zero gates).
 
     Raises:
         ValueError: an unknown named model, or parts that do not fit together (the message says which).
