@@ -60,6 +60,7 @@ def test_the_tiny_recipe_runs_every_step_and_binds_through_the_frozen_vision_tow
         assert not all(torch.equal(bound[k], v) for k, v in tower(out, "towers", modality).items())
     pretrained = json.loads((out / "stage2" / "pretrained" / "config.json").read_text())
     assert pretrained["adapter"]["phase"] == "finetune"
+    assert pretrained["adapter"]["lora_layers"] == pretrained["adapter"]["inject_layers"]  # tunes the injected layers
     again = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--scale", "tiny"], capture_output=True,
                            text=True, timeout=900)
     assert again.returncode == 0 and again.stdout.count(": done (") == 9

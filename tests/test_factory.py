@@ -134,3 +134,27 @@ def test_stream_pieces_concatenate_to_the_generated_text(released):
     prompt = "Describe the image in detail."
     text = released.generate([prompt], media, temperature=0, max_new_tokens=16)[0].text
     assert "".join(released.stream(prompt, media, temperature=0, max_new_tokens=16)) == text
+
+
+def test_stage2_from_a_stage1_folder_takes_lora_layers_and_its_folder_keeps_them(released, tmp_path):
+    stage1 = create_model(SMALL, adapter=ADAPTER / "adapter_pretrain.pth", phase="pretrain")
+    save_pretrained(stage1, tmp_path / "stage1")
+    stage2 = create_model(SMALL, adapter=tmp_path / "stage1", phase="finetune", lora_layers=1)
+    last = stage2.llm.config.n_layers - 1
+    assert stage2.config.lora_layers == 1 and {k.split(".")[2] for k in stage2.adapter_params("finetune")
+                                                if k.startswith("llm.layers.")} == {str(last)}
+    with torch.no_grad():
+        for name, p in stage2.adapter_params("finetune").items():
+            p.add_(0.01 * torch.randn_like(p))
+    save_pretrained(stage2, tmp_path / "stage2")
+    again = create_model(SMALL, adapter=tmp_path / "stage2")
+    assert again.config.lora_layers == 1
+    tokens = torch.tensor([IO["results"]["finetune"]["prompt_ids"].tolist()])
+    with torch.no_grad():
+        visual = stage2.encode_inputs({"image": (INPUTS["vision"], 1)})
+        torch.testing.assert_close(again(tokens, visual), stage2(tokens, visual), atol=0, rtol=0)
+
+
+def test_a_file_tuning_more_layers_than_lora_layers_is_refused_by_name(tmp_path):
+    with pytest.raises(CheckpointMismatchError, match=r"tunes more layers than lora_layers=1.*layers\.0\..*lora"):
+        create_model(SMALL, lora_layers=1)

@@ -163,6 +163,22 @@ def test_logits_index_selects_positions():
     torch.testing.assert_close(picked[:, 0], full[[0, 1], [6, 2]])
 
 
+def test_logits_mask_selects_positions_and_the_loss_on_them_is_the_official_loss():
+    from imagebind_llm.train.loop import lm_loss, predicting
+
+    model = _random_model(LLMConfig.from_name("tiny"))
+    tokens = torch.randint(0, 300, (2, 7))
+    labels = torch.tensor([[0, 0, 0, 5, 9, 0, 0], [0, 0, 0, 0, 0, 7, 2]])
+    with torch.no_grad():
+        full = model(tokens)
+        picked = model(tokens, logits_mask=predicting(labels))
+    assert predicting(labels).nonzero().tolist() == [[0, 2], [0, 3], [1, 4], [1, 5]]
+    torch.testing.assert_close(picked, full[[0, 0, 1, 1], [2, 3, 4, 5]])
+    torch.testing.assert_close(lm_loss(picked, labels), lm_loss(full, labels))
+    none = torch.zeros_like(labels)
+    assert lm_loss(model(tokens, logits_mask=predicting(none)), none).item() == 0.0
+
+
 def test_injection_is_added_to_attention_output_before_wo():
     model = _random_model(LLMConfig.from_name("tiny-gqa"))
     cfg = model.config

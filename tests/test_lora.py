@@ -122,3 +122,40 @@ def test_training_over_quantised_projections_gives_the_dense_gradients():
         grads.append([p.grad for p in lora])
     for got, expected in zip(*grads):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_lora_layers_tunes_only_the_last_layers_with_the_official_gradients():
+    """``lora_layers=1``: stage 2's modules and trainable set only in the last layer (and the final norm);
+    the function and the gradients of what trains equal the official all-layer structure's (whose LoRA B
+    and biases start at zero, so the untuned layers add nothing)."""
+    from imagebind_llm.model.config import AdapterConfig
+    from imagebind_llm.model.imagebind_llm import ImageBindLLM
+
+    torch.manual_seed(0)
+    models = {}
+    for lora_layers in (None, 1):
+        torch.manual_seed(0)
+        models[lora_layers] = ImageBindLLM(Transformer(CONFIG), None, AdapterConfig(feature_dim=16, lora_layers=lora_layers))
+    full, last = models[None], models[1]
+    last.load_state_dict(full.state_dict(), strict=False)
+    assert not any(isinstance(m, LoRALinear) for m in last.llm.layers[0].modules())
+    assert all(isinstance(getattr(last.llm.layers[1].attention, n), LoRALinear) for n in ATTENTION_PROJECTIONS)
+    tuned = last.adapter_params("finetune")
+    assert "llm.norm.weight" in tuned and "llm.layers.1.attention.wq.lora_a.weight" in tuned
+    assert not [k for k in tuned if k.startswith("llm.layers.0.")]
+    assert set(tuned) < set(full.adapter_params("finetune"))
+
+    tokens, visual = torch.randint(0, 64, (2, 9)), torch.randn(2, 1, 64)
+    losses = {}
+    for key, model in models.items():
+        with torch.no_grad():
+            for g in model.gates:
+                g.fill_(0.5)
+        losses[key] = model(tokens, visual).logsumexp(-1).mean()
+        losses[key].backward()
+    torch.testing.assert_close(losses[1], losses[None])
+    grads = dict(full.named_parameters())
+    for name, p in tuned.items():
+        torch.testing.assert_close(p.grad, grads[name].grad, msg=name)
+    with pytest.raises(ValueError, match="lora_layers=3 must be in 1..2"):
+        ImageBindLLM(Transformer(CONFIG), None, AdapterConfig(feature_dim=16, lora_layers=3))

@@ -177,3 +177,14 @@ def test_interrupted_run_resumes_exactly(files, tmp_path):
     for name, param in full.model.named_parameters():
         if param.requires_grad:
             torch.testing.assert_close(resumed[name], param, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_a_diverged_run_stops_with_a_one_line_error_naming_the_settings(files, tmp_path, capsys):
+    from imagebind_llm.cli import main
+
+    settings = tiny_overrides([files["captions"]], tmp_path / "run", files["base"], **{
+        "data.image_root": files["root"], "train.epochs": 20, "optim.lr": 1e9, "optim.warmup_epochs": 0})
+    code = main(["train", "stage1", *[a for s in settings for a in ("--set", s)]])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "loss is nan" in err and "optim.clip_grad=1.0" in err and "--resume" in err

@@ -49,6 +49,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from safetensors.torch import load_file, save_file
 
+from imagebind_llm.encoders.imagebind import read_config
 from imagebind_llm.eval.mme_score import score_dir
 from imagebind_llm.hub import DEMO_DIR, read_state_dict
 from imagebind_llm.world.language import MME_SUFFIX
@@ -91,7 +92,7 @@ SCALES = {
                   zero_shot=60),
     # the same world, about half the compute (for a machine at half speed: towers ran 22 pairs/s on 2026-12-02)
     "quick": Scale(train=16000, heldout=500, points=3000, variants=4, tower_epochs=3, bind_epochs=2, point_epochs=2,
-                   stage1_scenes=2000, stage2_scenes=600, yes_no=4, open=2, batch=64, llm_batch=8, inject_layers=8,
+                   stage1_scenes=2000, stage2_scenes=1400, yes_no=4, open=2, batch=64, llm_batch=8, inject_layers=8,
                    zero_shot=60),
     "tiny": Scale(train=16, heldout=8, points=12, variants=4, tower_epochs=1, bind_epochs=1, point_epochs=2,
                   stage1_scenes=16, stage2_scenes=16, yes_no=2, open=1, batch=8, llm_batch=2, inject_layers=2,
@@ -214,6 +215,8 @@ def step_stage2(out: Path, scale: Scale, seed: int) -> None:
     files = stage_files(out, 2, scale.stage2_scenes, ("instructions.json", "render_instructions.json"))
     single_turns(files[0], scale.yes_no, scale.open, seed)
     train_stage(out, scale, 2, files, [f"model.adapter={out / 'stage1' / 'pretrained'}", "train.epochs=1",
+                                       f"model.lora_layers={scale.inject_layers}",  # backward stops there
+                                       "optim.clip_grad=1.0",  # unclipped, 1400 scenes' run hit a NaN at step 345
                                        "optim.lr=5e-4", "optim.warmup_epochs=0.05", "data.max_words=160"])
 
 
@@ -283,7 +286,9 @@ def step_ship(out: Path) -> None:
     ship = out / "demo"
     ship.mkdir(exist_ok=True)
     draw_curves({name: out / name / "log.jsonl" for name in TRAINED}, out / "curves.png")
-    shutil.copyfile(out / "stage2" / "pretrained" / "config.json", ship / "config.json")
+    config = json.loads((out / "stage2" / "pretrained" / "config.json").read_text())
+    config["encoder"] = read_config(out / "encoder" / "imagebind_config.json", with_point=True).to_dict()  # + the bound towers
+    (ship / "config.json").write_text(json.dumps(config, indent=2))
     for state, name in ((load_file(str(out / "stage2" / "pretrained" / "adapter.safetensors")), "adapter.safetensors"),
                         (read_state_dict(out / "encoder" / "imagebind.pth", what="ImageBind checkpoint"),
                          "imagebind.safetensors")):  # the encoder last: its file marks the step done

@@ -40,7 +40,7 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
 # What our library raises for bad input: every error type of ours is a ValueError (MediaError, StateDictError,
 # CheckpointMismatchError, WeightsFormatError, CacheError, ChecksumError...), an OSError (missing or unreadable
 # files) or a DownloadError; library errors that mean bad input are turned into these where they are raised.
-USER_ERRORS = (OSError, ValueError, DownloadError)
+USER_ERRORS = (OSError, ValueError, DownloadError, FloatingPointError)  # the last: a training diverged (its settings)
 
 
 # One entry per subcommand (or group of subcommands).

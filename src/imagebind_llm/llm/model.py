@@ -285,8 +285,8 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None, *,
                 injections: Sequence[Tensor | None] | None = None,
-                logits_index: Tensor | None = None, cache_rows: slice | None = None,
-                kv_len: int | None = None) -> Tensor:
+                logits_index: Tensor | None = None, logits_mask: Tensor | None = None,
+                cache_rows: slice | None = None, kv_len: int | None = None) -> Tensor:
         """Logits for ``tokens``.
 
         Args:
@@ -297,13 +297,16 @@ class Transformer(nn.Module):
                 ``[B, S, n_heads, head_dim]`` added to that layer's attention output before ``wo``.
             logits_index: optional ``[B]`` index along ``S`` per row; only those positions go through
                 the final norm and LM head (saves the ``[B, S, vocab]`` projection when generating).
+            logits_mask: optional ``[B, S]`` bool; only the True positions go through the final norm and LM
+                head (training: the positions that predict a label).
             cache_rows: which KV cache rows the ``B`` rows use (a slice of ``B`` rows); None: all rows.
                 A continuous-batching scheduler prefills new requests into free rows this way.
             kv_len: attend over the first ``kv_len`` cache slots only (must exceed every position in
                 ``input_pos``); None: all slots. Saves reading the unused tail of a long cache.
 
         Returns:
-            ``[B, S, vocab_size]`` logits, or ``[B, 1, vocab_size]`` when ``logits_index`` is given.
+            ``[B, S, vocab_size]`` logits, ``[B, 1, vocab_size]`` with ``logits_index``, ``[N, vocab_size]``
+            (the ``N`` True positions of ``logits_mask`` in row-major order) with ``logits_mask``.
         """
         B, S = tokens.shape
         if S > self.config.max_seq_len:
@@ -332,6 +335,8 @@ class Transformer(nn.Module):
                           cache_rows if cache_rows is not None else slice(None))
             if logits_index is not None:
                 x = x[torch.arange(B, device=x.device), logits_index].unsqueeze(1)
+            elif logits_mask is not None:
+                x = x[logits_mask]
             return self._head((self.output,), x, self.norm)[0]
 
     def _on_kernels(self, tokens: Tensor) -> bool:

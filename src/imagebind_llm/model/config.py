@@ -29,6 +29,8 @@ class AdapterConfig:
         phase: ``"pretrain"`` (stage 1: bind net, prefix, gates train; no LoRA/bias modules) or
             ``"finetune"`` (stage 2: LoRA + biases + norms train).
         lora_rank: rank of the stage-2 LoRA (16).
+        lora_layers: how many of the last decoder layers stage 2 tunes (LoRA, biases, norms); ``None`` = all
+            (official). Fewer layers: the backward pass stops at the first tuned one, and the file is smaller.
     """
 
     feature_dim: int = 1024
@@ -38,6 +40,7 @@ class AdapterConfig:
     inject_layers: int | None = None
     phase: str = "finetune"
     lora_rank: int = 16
+    lora_layers: int | None = None
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
@@ -70,7 +73,7 @@ class ModelSpec:
         tokenizer: a tokenizer file when it is not beside the base weights.
         phase: ``"finetune"`` or ``"pretrain"``; None: the adapter's or the named model's, else finetune.
         max_seq_len: context length (the official model uses 512).
-        lora_rank, inject_layers: the adapter structure (official: 16, every layer).
+        lora_rank, inject_layers, lora_layers: the adapter structure (official: 16, every layer, every layer).
         bind_hidden_dim, bind_blocks: the bind network's SwiGLU width (None: ``4 * llm.dim``) and residual blocks
             (official: 3) of a new adapter; our folders record their own.
         feature_dim: the ImageBind width when there is no encoder (default: the adapter file's, else 1024).
@@ -94,6 +97,7 @@ class ModelSpec:
     max_seq_len: int = 512
     lora_rank: int = 16
     inject_layers: int | None = None
+    lora_layers: int | None = None
     bind_hidden_dim: int | None = None
     bind_blocks: int = 3
     feature_dim: int | None = None

@@ -151,14 +151,15 @@ def _adapter_config(spec: ModelSpec, ours: Path | None, official: Mapping[str, t
                     encoder: nn.Module | None) -> AdapterConfig:
     if ours is not None:
         saved = AdapterConfig(**_read_json(ours / CONFIG_FILE)["adapter"])
-        return saved if spec.phase is None else AdapterConfig(**{**saved.to_dict(), "phase": spec.phase})
+        changes = {k: v for k, v in (("phase", spec.phase), ("lora_layers", spec.lora_layers)) if v is not None}
+        return AdapterConfig(**{**saved.to_dict(), **changes})  # stage 2 from a stage-1 folder: its own LoRA
     feature_dim = spec.feature_dim
     if encoder is not None:
         feature_dim = encoder.config.out_embed_dim
     elif feature_dim is None and official is not None and "image_bind_proj.weight" in official:
         feature_dim = official["image_bind_proj.weight"].shape[1]
     return AdapterConfig(feature_dim=feature_dim or AdapterConfig().feature_dim, phase=spec.phase or "finetune",
-                         lora_rank=spec.lora_rank, inject_layers=spec.inject_layers,
+                         lora_rank=spec.lora_rank, inject_layers=spec.inject_layers, lora_layers=spec.lora_layers,
                          bind_hidden_dim=spec.bind_hidden_dim, bind_blocks=spec.bind_blocks,
                          legacy_bind=is_legacy_bind(official) if official is not None else False)
 
@@ -218,7 +219,10 @@ def load_adapter_tensors(model: ImageBindLLM, tensors: Mapping[str, torch.Tensor
     params = dict(model.named_parameters())
     unexpected = sorted(set(tensors) - set(params))
     if unexpected:
-        hint = " (a stage-2 file needs phase='finetune')" if any("lora" in k for k in unexpected) else ""
+        hint = ""
+        if any("lora" in k for k in unexpected):
+            hint = (" (a stage-2 file needs phase='finetune')" if model.config.phase == "pretrain" else
+                    f" (the file tunes more layers than lora_layers={model.config.lora_layers})")
         raise CheckpointMismatchError(f"unexpected adapter tensors{hint}: {_abbrev(unexpected)}")
     mismatched = [f"{k}: file {tuple(t.shape)} vs model {tuple(params[k].shape)}" for k, t in tensors.items()
                   if tuple(t.shape) != tuple(params[k].shape)]

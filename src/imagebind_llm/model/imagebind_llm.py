@@ -52,6 +52,10 @@ class ImageBindLLM(nn.Module):
         if not 0 < n_inject <= n_layers:
             raise ValueError(f"inject_layers={config.inject_layers} must be in 1..{n_layers}")
         self.first_injected_layer = n_layers - n_inject
+        n_tuned = n_layers if config.lora_layers is None else config.lora_layers
+        if not 0 < n_tuned <= n_layers:
+            raise ValueError(f"lora_layers={config.lora_layers} must be in 1..{n_layers}")
+        self.first_tuned_layer = n_layers - n_tuned
         device = llm.norm.weight.device
         self.bind = BindNetwork(config.feature_dim, dim, config.bind_hidden_dim or 4 * dim, config.bind_blocks,
                                 legacy=config.legacy_bind).to(device)
@@ -59,7 +63,7 @@ class ImageBindLLM(nn.Module):
         self.gates = nn.ParameterList(nn.Parameter(torch.zeros(llm.config.n_heads, device=device))
                                       for _ in range(n_inject))
         if config.phase == "finetune":
-            add_finetune_modules(llm, config.lora_rank)
+            add_finetune_modules(llm, config.lora_rank, self.first_tuned_layer)
         if encoder is not None:
             encoder.requires_grad_(False)
         set_trainable(self, self.adapter_params())
@@ -67,8 +71,9 @@ class ImageBindLLM(nn.Module):
     # ---------------------------------------------------------------- what trains
     def adapter_params(self, phase: str | None = None) -> dict[str, nn.Parameter]:
         """The parameters ``phase`` trains (default: the model's): stage 1 (``"pretrain"``) the bind
-        network, prefix and gates; stage 2 (``"finetune"``) the decoder's norms, biases and LoRA.
-        ``"all"``: both, i.e. everything an official adapter file holds."""
+        network, prefix and gates; stage 2 (``"finetune"``) the decoder's norms, biases and LoRA (in the last
+        ``config.lora_layers``).
+        ``"all"``: both, with the norms of every layer, i.e. everything an official adapter file holds."""
         phase = phase or self.config.phase
         stage1 = {f"bind.{n}": p for n, p in self.bind.named_parameters()}
         stage1["prefix"] = self.prefix
@@ -76,7 +81,7 @@ class ImageBindLLM(nn.Module):
         if phase == "pretrain":
             return stage1
         if phase == "finetune":
-            return finetune_params(self.llm)
+            return finetune_params(self.llm, first_layer=self.first_tuned_layer)
         if phase == "all":
             return {**stage1, **finetune_params(self.llm)}
         raise ValueError(f"phase must be 'pretrain', 'finetune' or 'all', got {phase!r}")
@@ -161,10 +166,12 @@ class ImageBindLLM(nn.Module):
         return self.injections(visual, None if bool(has_media.all()) else has_media)
 
     def forward(self, tokens: torch.Tensor, visual: torch.Tensor | None = None,
-                input_pos: torch.Tensor | None = None, has_media: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits ``[B, S, V]`` for tokens ``[B, S]`` with the visual term of ``visual [B, 1, dim]`` injected."""
+                input_pos: torch.Tensor | None = None, has_media: torch.Tensor | None = None,
+                logits_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[B, S, V]`` for tokens ``[B, S]`` with the visual term of ``visual [B, 1, dim]`` injected
+        (``[N, V]`` at the ``N`` True positions of a ``[B, S]`` ``logits_mask``)."""
         injections = None if visual is None else self.injections(visual, has_media)
-        return self.llm(tokens, input_pos, injections=injections)
+        return self.llm(tokens, input_pos, injections=injections, logits_mask=logits_mask)
 
     def forward_logits(self, tokens: torch.Tensor, visual: torch.Tensor | None, start_pos: int = 0) -> torch.Tensor:
         """Incremental decoding with the KV cache, as the official ``forward_inference``.

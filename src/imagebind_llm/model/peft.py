@@ -101,13 +101,14 @@ def _add_zero_bias(linear: nn.Linear | QuantizedLinear) -> None:
         linear.bias = nn.Parameter(torch.zeros(linear.out_features, device=device, dtype=dtype))
 
 
-def add_finetune_modules(llm: Transformer, rank: int = 16) -> None:
-    """Turn a plain decoder into the stage-2 structure in place: LoRA everywhere, biases on q/o/w1/w2/w3.
+def add_finetune_modules(llm: Transformer, rank: int = 16, first_layer: int = 0) -> None:
+    """Turn a plain decoder into the stage-2 structure in place: LoRA and biases on q/o/w1/w2/w3 in every
+    layer from ``first_layer`` on (official: 0, every layer).
 
     Idempotent: projections that already carry LoRA or a bias are left as they are. Quantised GGUF
     projections (`QuantizedLinear`) keep their blocks as the frozen base.
     """
-    for layer in llm.layers:
+    for layer in llm.layers[first_layer:]:
         for parent, names in ((layer.attention, ATTENTION_PROJECTIONS), (layer.feed_forward, FFN_PROJECTIONS)):
             for name in names:
                 linear = getattr(parent, name)
@@ -136,10 +137,15 @@ def merge_lora(llm: Transformer) -> None:
 
 
 # -------------------------------------------------------------------- what each stage trains
-def finetune_params(llm: Transformer, prefix: str = "llm.") -> dict[str, nn.Parameter]:
-    """Stage 2's trainable set, found by module type: RMSNorm weights, projection biases, LoRA weights."""
+def finetune_params(llm: Transformer, prefix: str = "llm.", first_layer: int = 0) -> dict[str, nn.Parameter]:
+    """Stage 2's trainable set, found by module type: RMSNorm weights, projection biases, LoRA weights, in
+    the final norm and the layers from ``first_layer`` on. Nothing below ``first_layer`` trains, so the
+    backward pass stops there."""
     params = {}
     for module_name, module in llm.named_modules():
+        parts = module_name.split(".")
+        if parts[0] == "layers" and len(parts) > 1 and int(parts[1]) < first_layer:
+            continue
         name = f"{prefix}{module_name}." if module_name else prefix
         if isinstance(module, RMSNorm):
             params[name + "weight"] = module.weight

@@ -49,6 +49,7 @@ class ModelSection:
     max_seq_len: int
     lora_rank: int
     inject_layers: int | None
+    lora_layers: int | None
     bind_hidden_dim: int | None
     bind_blocks: int
     cache: str | None
@@ -281,7 +282,7 @@ def _merge(raw: dict[str, Any], update: Mapping[str, Any], where: str, sections:
 # Keys a config lacks (the stages have no ``bind`` section, `train bind` no ``model``) are skipped.
 _CHOICES = {"data.text_only": ("no_injection", "zero_image"), "train.precision": ("bf16", "fp32"),
             "train.distributed": ("ddp", "fsdp"), "train.device": ("auto", "cpu", "cuda"), "bind.mode": BIND_MODES}
-_POSITIVE = ("model.max_seq_len", "model.lora_rank", "model.inject_layers", "model.bind_hidden_dim",
+_POSITIVE = ("model.max_seq_len", "model.lora_rank", "model.inject_layers", "model.lora_layers", "model.bind_hidden_dim",
              "model.bind_blocks", "data.max_words", "optim.lr", "optim.blr", "optim.eps", "optim.clip_grad",
              "optim.accum_iter", "train.epochs", "train.batch_size", "train.max_steps", "train.save_every",
              "train.log_every", "bind.lora_rank", "bind.temperature", "data.generator_train", "data.eval_every",

@@ -43,14 +43,25 @@ log = logging.getLogger(__name__)
 
 
 # -------------------------------------------------------------------- the differentiable step
+def predicting(labels: torch.Tensor) -> torch.Tensor:
+    """``[B, S]`` bool: the positions whose next label counts (not 0)."""
+    predicts = torch.zeros_like(labels, dtype=torch.bool)
+    predicts[:, :-1] = labels[:, 1:] != 0
+    return predicts
+
+
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Official loss: cross-entropy of ``logits [B, S, V]`` at position t against ``labels [B, S]`` at t+1,
-    label 0 ignored; a batch without any label gives a graph-connected zero."""
-    shifted_logits, shifted_labels = logits[:, :-1], labels[:, 1:]
-    if not (shifted_labels != 0).any():
-        return shifted_logits.mean() * 0.0
-    return F.cross_entropy(shifted_logits.reshape(-1, shifted_logits.shape[-1]).float(), shifted_labels.reshape(-1),
-                           ignore_index=0)
+    label 0 ignored; or of ``logits [N, V]`` at the positions of `predicting` only (the same value). A batch
+    without any label gives a graph-connected zero."""
+    targets = labels[:, 1:]
+    if logits.dim() == 3:
+        logits, targets = logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    else:
+        targets = targets[targets != 0]
+    if not (targets != 0).any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.float(), targets, ignore_index=0)
 
 
 class TrainStep(nn.Module):
@@ -92,7 +103,8 @@ class TrainStep(nn.Module):
             has_media = torch.ones(len(tokens), dtype=torch.bool, device=tokens.device)
         visual = self.visual(len(tokens), has_media, images, features)
         mask = None if visual is None or bool(has_media.all()) else has_media
-        return lm_loss(self.model(tokens, visual, has_media=mask), labels)
+        # the final norm and LM head only where a label is predicted (a yes/no sample: 2 of ~60 positions)
+        return lm_loss(self.model(tokens, visual, has_media=mask, logits_mask=predicting(labels)), labels)
 
 
 def enable_activation_checkpointing(model: ImageBindLLM) -> None:
@@ -132,7 +144,8 @@ def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, micro_batche
         total += loss.detach().float()
     mean = total.item() / len(micro_batches)
     if not math.isfinite(mean):
-        raise FloatingPointError(f"loss is {mean}; stopping (lower optim.lr, or use train.precision=fp32)")
+        raise FloatingPointError(f"loss is {mean}; stopping (lower optim.lr, set optim.clip_grad=1.0, or use "
+                                 "train.precision=fp32; --resume continues from the last checkpoint)")
     if clip_grad is not None:
         torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], clip_grad)
     optimizer.step()
@@ -167,7 +180,7 @@ def build_model(cfg: ModelSection, phase: str, *, need_encoder: bool, feature_di
     return create_model(ModelSpec(
         llm=cfg.llm, adapter=cfg.adapter, tokenizer=cfg.tokenizer, imagebind=cfg.imagebind if need_encoder else None,
         with_encoder=need_encoder, imagebind_config=cfg.imagebind_config, phase=phase, max_seq_len=cfg.max_seq_len, lora_rank=cfg.lora_rank,
-        inject_layers=cfg.inject_layers, bind_hidden_dim=cfg.bind_hidden_dim, bind_blocks=cfg.bind_blocks,
+        inject_layers=cfg.inject_layers, lora_layers=cfg.lora_layers, bind_hidden_dim=cfg.bind_hidden_dim, bind_blocks=cfg.bind_blocks,
         feature_dim=feature_dim, quantized=False))
 
 
