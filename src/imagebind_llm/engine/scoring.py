@@ -49,11 +49,13 @@ def loglikelihood(model: ImageBindLLM, pairs: Sequence[tuple[Sequence[int], Sequ
     rows = [list(c) + list(x) for c, x in pairs]
     tokens, _ = pad_right(rows, device)
     injections = model.media_injections(list(media) if media is not None else None, retrieve)
-    logprobs = F.log_softmax(model.llm(tokens, injections=injections).float(), dim=-1)
-    scores = []
+    scored = torch.zeros_like(tokens, dtype=torch.bool)  # position t predicts token t+1: only those of a continuation
     for i, (context, continuation) in enumerate(pairs):
-        start = len(context)
-        steps = logprobs[i, start - 1:start - 1 + len(continuation)]  # position t predicts token t+1
+        scored[i, len(context) - 1:len(context) - 1 + len(continuation)] = True
+    logprobs = F.log_softmax(model.llm(tokens, injections=injections, logits_mask=scored).float(), dim=-1)
+    scores, offset = [], 0
+    for continuation in (x for _, x in pairs):
+        steps, offset = logprobs[offset:offset + len(continuation)], offset + len(continuation)  # row-major
         target = torch.tensor(list(continuation), device=device)
         picked = steps.gather(-1, target[:, None])[:, 0]
         scores.append(Score(float(picked.sum()), bool((steps.argmax(-1) == target).all()), len(continuation)))
