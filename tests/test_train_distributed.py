@@ -75,4 +75,7 @@ def test_two_processes_match_one_process(data, tmp_path, strategy, free_port):
     ours = torch.load(tmp_path / "single" / "adapter.pth", weights_only=True)["model"]
     assert set(multi) == set(ours)
     for name, tensor in ours.items():
-        torch.testing.assert_close(multi[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+        # LoRA A (``_l1``) starts with near-zero gradients (B is zero at first) that Adam scales to lr-sized steps,
+        # so float rounding (1 vs 2 processes batch the LM head rows differently) shows there up to ~5e-5
+        atol = 1e-4 if "lora" in name and name.endswith("_l1.weight") else 1e-5
+        torch.testing.assert_close(multi[name], tensor, rtol=1e-4, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
