@@ -15,7 +15,7 @@ import functools
 import logging
 import math
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -280,6 +280,16 @@ def train(config: TrainConfig, model: ImageBindLLM, dataset: TrainDataset, devic
     module.train()
     if model.encoder is not None:
         model.encoder.eval()  # frozen: no DropPath/dropout in the encoder
+
+    def export_run() -> None:
+        with distributed.full_parameters(module):
+            if distributed.is_main():
+                result.exports = export(model, run.output_dir)
+
+    def save() -> None:  # step and epoch: the loop's current ones
+        result.checkpoint = save_checkpoint(run.output_dir, module, optimizer, step=step, epoch=epoch,
+                                            phase=phase, config=config.to_dict())
+
     try:
         while step < stop:
             epoch, in_epoch = divmod(step, per_epoch)
@@ -301,20 +311,25 @@ def train(config: TrainConfig, model: ImageBindLLM, dataset: TrainDataset, devic
                 result.lrs.append(step_lr)
                 tokens = sum(int((b["tokens"] != 0).sum()) for b in micro) * world
                 logger.step(step, epoch + (in_epoch + 1) / per_epoch, loss, step_lr, global_batch, tokens)
-                if step == total:
-                    with distributed.full_parameters(module):
-                        if distributed.is_main():
-                            result.exports = export(model, run.output_dir)
-                    distributed.barrier()
-                if step % run.save_every == 0 or step == stop:
-                    result.checkpoint = save_checkpoint(run.output_dir, module, optimizer, step=step, epoch=epoch,
-                                                        phase=phase, config=config.to_dict())
-                if step == stop:
+                if end_of_step(step, total=total, stop=stop, save_every=run.save_every, export=export_run, save=save):
                     break
     finally:
         logger.close()
     result.step, result.records = step, logger.records
     return result
+
+
+def end_of_step(step: int, *, total: int, stop: int, save_every: int, export: Callable[[], None],
+                save: Callable[[], None]) -> bool:
+    """What follows optimiser step ``step`` in every training loop: ``export`` after the run's last step
+    ``total`` (then all processes wait), ``save`` a checkpoint every ``save_every`` steps and at ``stop``.
+    True when the loop stops here (``stop`` < ``total`` with ``train.max_steps``)."""
+    if step == total:
+        export()
+        distributed.barrier()
+    if step % save_every == 0 or step == stop:
+        save()
+    return step == stop
 
 
 def check_output_dir(output_dir: str | Path, resume: str | Path | None, overwrite: bool,

@@ -46,7 +46,7 @@ from imagebind_llm.train.config import BindConfig, BindSection
 from imagebind_llm.train.contrastive import LogitScale, gather, info_nce, retrieval_recalls
 from imagebind_llm.train.data import batch_order, steps_per_epoch
 from imagebind_llm.train.logging import ProgressLogger
-from imagebind_llm.train.loop import TrainResult, check_output_dir, train_step
+from imagebind_llm.train.loop import TrainResult, check_output_dir, end_of_step, train_step
 from imagebind_llm.train.optim import build_optimizer, scaled_lr
 from imagebind_llm.train.pairs import FEATURES, PairDataset, collate_pairs, generated_pairs, load_item, read_pairs
 from imagebind_llm.train.schedule import WarmupCosine
@@ -305,6 +305,15 @@ def run(config: BindConfig, resume: str | Path | None = None, *, overwrite: bool
     logger = ProgressLogger(run_cfg.output_dir, stop, step, log_every=run_cfg.log_every, enabled=distributed.is_main(),
                             progress=run_cfg.progress, tensorboard=run_cfg.tensorboard)
     set_modes(step_module, bind)
+
+    def export_run() -> None:
+        if distributed.is_main():
+            result.exports = export_encoder(encoder, run_cfg.output_dir)
+
+    def save() -> None:  # step and epoch: the loop's current ones
+        result.checkpoint = save_checkpoint(run_cfg.output_dir, module, optimizer, step=step, epoch=epoch,
+                                            phase=PHASE, config=config.to_dict())
+
     try:
         while step < stop:
             epoch, in_epoch = divmod(step, per_epoch)
@@ -329,14 +338,8 @@ def run(config: BindConfig, resume: str | Path | None = None, *, overwrite: bool
                         log.info("step %d: %s", step, ", ".join(f"{k} {v:.3f}" for k, v in result.metrics.items()
                                                                  if k != "step"))
                     distributed.barrier()
-                if step == total:
-                    if distributed.is_main():
-                        result.exports = export_encoder(encoder, run_cfg.output_dir)
-                    distributed.barrier()
-                if step % run_cfg.save_every == 0 or step == stop:
-                    result.checkpoint = save_checkpoint(run_cfg.output_dir, module, optimizer, step=step, epoch=epoch,
-                                                        phase=PHASE, config=config.to_dict())
-                if step == stop:
+                if end_of_step(step, total=total, stop=stop, save_every=run_cfg.save_every, export=export_run,
+                               save=save):
                     break
     finally:
         logger.close()
