@@ -33,9 +33,9 @@ import torch
 from imagebind_llm.cache.blend import BlendOptions, FeatureRetriever
 from imagebind_llm.engine.request import Request
 from imagebind_llm.engine.scoring import Score, loglikelihood, text_pairs
-from imagebind_llm.llm.chat import choose_template
 from imagebind_llm.llm.constrain import ConstraintState, as_constraint
 from imagebind_llm.llm.generate import Completion, RowText, apply_repetition_penalty, pad_right, sample
+from imagebind_llm.llm.templates import choose_template
 from imagebind_llm.model.imagebind_llm import ImageBindLLM
 from imagebind_llm.model.media import MediaInputs
 
@@ -163,7 +163,7 @@ class Engine:
         max_batch: rows decoded together (KV-cache rows).
         max_queue: requests accepted beyond the free rows before `submit` refuses.
         max_context: KV-cache slots per row (prompt + answer); default ``min(max_seq_len, 2048)``.
-        template: prompt template name (`imagebind_llm.llm.chat.choose_template`); None: the model's own
+        template: prompt template name (`imagebind_llm.llm.templates.choose_template`); None: the model's own
             chat template, else Alpaca (ImageBind-LLM's format).
         background: run the scheduler in a daemon thread; False: it runs when handles are waited on.
         admit_group: while rows are running, waiting requests are held until this many rows are free (or as

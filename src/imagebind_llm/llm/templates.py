@@ -239,3 +239,13 @@ def get_template(name: str | None = None, *, chat_template: str | None = None, b
     if name == "llama2" and bos_token:
         return Llama2Template(bos_token=bos_token, eos_token=eos_token or "</s>")
     return TEMPLATES[name]()
+
+
+def choose_template(name: str | None, tokenizer: Any) -> ChatTemplate:
+    """The template called ``name`` for a loaded ``tokenizer`` (``chat_template``, ``bos_token``,
+    ``eos_token``); None picks the model's own chat template, or Alpaca when it has none: ImageBind-LLM's
+    format (LLaMA checkpoints ship no template)."""
+    if name is None:
+        name = "model" if tokenizer.chat_template else "alpaca"
+    return get_template(name, chat_template=tokenizer.chat_template, bos_token=tokenizer.bos_token,
+                        eos_token=tokenizer.eos_token)
