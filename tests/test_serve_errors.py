@@ -20,7 +20,6 @@ import socket
 import struct
 import threading
 import time
-import wave
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ import pytest
 import torch
 
 from imagebind_llm.serve.config import MediaLimits, MiB
+from test_hardening_media import wav_bytes
 
 MEDIA = Path(__file__).parent / "fixtures" / "media"
 ANY = object()  # a field the case does not check
@@ -74,16 +74,6 @@ def png_bomb(side: int = 100_000) -> bytes:
     ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
             + png_chunk(b"IEND", b""))
-
-
-def wav(seconds: float, rate: int = 16_000) -> bytes:
-    out = io.BytesIO()
-    with wave.open(out, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(b"\0\0" * int(seconds * rate))
-    return out.getvalue()
 
 
 def npy_header_only(shape: tuple[int, ...], descr: str = "<f4") -> bytes:
@@ -268,7 +258,7 @@ def main_cases(tmp: Path) -> list[Case]:
     bomb = png_bomb()
     rng = np.random.default_rng(0)
     noise = rng.integers(0, 256, 4096, dtype=np.uint8).tobytes()
-    small_wav = wav(0.5)
+    small_wav = wav_bytes(8000)
     part0 = "messages[0].content[0]"
     big = "x" * (MAX_BODY + MAX_BODY // 2)
     valid_json = json.dumps(VALID).encode()
@@ -362,7 +352,7 @@ def main_cases(tmp: Path) -> list[Case]:
         Case("png-7000x7000-over-max-pixels", 413, body=chat(image_part(data_url(png_bomb(7000), "image/png"))),
              param=part0, code="too_large"),
         Case("wav-longer-than-limit", 413,
-             body=chat({"type": "input_audio", "input_audio": {"data": b64(wav(2.0)), "format": "wav"}}),
+             body=chat({"type": "input_audio", "input_audio": {"data": b64(wav_bytes(32000)), "format": "wav"}}),
              param=part0, code="too_large"),
         Case("video-longer-than-limit", 413, body=chat({"type": "video_url", "video_url": {"url": data_url(
             (MEDIA / "synthetic_landscape.mp4").read_bytes(), "video/mp4")}}), param=part0, code="too_large"),
@@ -465,7 +455,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(start_serve
         assert answer(client, {**VALID, "n": None})
         girl = data_url((MEDIA / "girl.jpg").read_bytes(), "image/jpeg")
         assert answer(client, chat(image_part(girl, weight=0.5), {"type": "input_audio", "input_audio": {
-            "data": b64(wav(0.5)), "format": "wav"}}, max_tokens=6))
+            "data": b64(wav_bytes(8000)), "format": "wav"}}, max_tokens=6))
     assert not [p for p in tmp_path.iterdir() if p.name.endswith("pwned")], "a pickle in a request was unpickled"
     assert all(w * h <= 40_000_000 for w, h in decoded_sizes), f"an image bomb reached the decoder: {decoded_sizes}"
 
@@ -646,7 +636,7 @@ def test_case_builders_are_what_they_claim():
         assert image.size == (7000, 7000)
     with pytest.raises(Image.DecompressionBombError):
         Image.open(io.BytesIO(png_bomb()))
-    assert math.isclose(len(wav(2.0)) / 32_000, 2.0, abs_tol=0.01)
+    assert math.isclose(len(wav_bytes(32000)) / 32_000, 2.0, abs_tol=0.01)
     with pytest.raises(ValueError):
         np.load(io.BytesIO(pickled_npy(Path("/nonexistent/never"))), allow_pickle=False)
 
