@@ -55,7 +55,7 @@ from imagebind_llm.hub import DEMO_DIR, read_state_dict
 from imagebind_llm.world.language import MME_SUFFIX
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from towers import TOWERS, tower_settings  # noqa: E402  (the tower sizes live with their measurements)
+from towers import TOWERS  # noqa: E402  (the tower sizes live with their measurements and probes)
 
 STEPS = ("world", "towers", "audio", "point", "encoder", "stage1", "stage2", "evaluate", "ship")
 TRAINED = ("towers", "audio", "point", "stage1", "stage2")  # the steps whose loss curves go in curves.png
@@ -130,10 +130,16 @@ def step_world(out: Path, scale: Scale, seed: int) -> None:
         "--no-progress", "--overwrite", log=out / "world.log")
 
 
-def step_towers(out: Path, scale: Scale) -> None:
-    (out / "towers.json").write_text(json.dumps(TOWERS, indent=1))
-    train_bind(out, "towers", scale, [*tower_settings(out / "world", out / "towers.json"),
-                                      f"data.group_size={scale.variants}", f"train.epochs={scale.tower_epochs}"])
+def step_towers(out: Path, scale: Scale, towers: dict) -> None:
+    """New vision and text towers of the sizes ``towers`` trained against each other on the world's (scene,
+    caption) and (render, "a 3D torus") pairs, each family of counterfactual scenes in one batch."""
+    world = out / "world"
+    (out / "towers.json").write_text(json.dumps(towers, indent=1))
+    train_bind(out, "towers", scale, [
+        "bind.anchor=null", "bind.modalities=[vision,text]", "bind.mode=joint", f"bind.imagebind_config={out / 'towers.json'}",
+        f"data.train=[{world / 'train/pairs_vision_text.jsonl'},{world / 'train/pairs_render_text.jsonl'}]",
+        f"data.eval=[{world / 'heldout/pairs_vision_text.jsonl'}]",
+        f"data.group_size={scale.variants}", f"train.epochs={scale.tower_epochs}"])
 
 
 def bind_to_vision(out: Path, scale: Scale, modality: str) -> None:
@@ -346,17 +352,20 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True, help="build folder (every step's run and log)")
     p.add_argument("--scale", choices=sorted(SCALES), default="full")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--towers", type=Path, help="JSON of ImageBindConfig fields replacing those of TOWERS "
+                   "(experiments; towers.py probes the result)")
     p.add_argument("--from", dest="start", choices=STEPS, help="redo this step and every later one")
     p.add_argument("--only", nargs="+", choices=STEPS, default=STEPS, help="run only these steps")
     p.add_argument("--install", action="store_true", help=f"copy the shipped model into {DEMO_DIR} (the default model)")
     args = p.parse_args()
     scale = SCALES[args.scale]
+    towers = {**TOWERS, **json.loads(args.towers.read_text())} if args.towers else TOWERS
     args.out.mkdir(parents=True, exist_ok=True)
     done = {"world": "world/world.json", "towers": "towers/encoder/imagebind_config.json",
             "audio": "audio/encoder/imagebind_config.json", "point": "point/encoder/imagebind_config.json", "encoder": "encoder/imagebind_config.json",
             "stage1": "stage1/pretrained/config.json", "stage2": "stage2/pretrained/config.json",
             "evaluate": "evaluate.json", "ship": "demo/imagebind.safetensors"}
-    run = {"world": lambda: step_world(args.out, scale, args.seed), "towers": lambda: step_towers(args.out, scale),
+    run = {"world": lambda: step_world(args.out, scale, args.seed), "towers": lambda: step_towers(args.out, scale, towers),
            "audio": lambda: bind_to_vision(args.out, scale, "audio"),
            "point": lambda: bind_to_vision(args.out, scale, "point"), "encoder": lambda: step_encoder(args.out),
            "stage1": lambda: step_stage1(args.out, scale), "stage2": lambda: step_stage2(args.out, scale, args.seed),

@@ -1,13 +1,10 @@
-"""Demo step (a): tiny vision + text towers trained CLIP-style on the synthetic world, then linear probes of
-what the frozen vision embedding knows (issue #13).
+"""Demo step (a), the vision + text towers trained CLIP-style on the synthetic world: their sizes (``TOWERS``),
+what was measured on the way to them, and linear probes of what the frozen vision embedding knows (issue #13).
 
-    nice -n 10 .venv/bin/python -m imagebind_llm world generate --out /tmp/demo_world --seed 0 \
-        --train 20000 --heldout 500 --no-audio --points 0
-    nice -n 10 .venv/bin/python scripts/demo/towers.py --world /tmp/demo_world --out runs/demo_towers
-    nice -n 10 .venv/bin/python scripts/demo/towers.py --world /tmp/demo_world --out runs/demo_towers --probe-only
+    .venv/bin/python scripts/demo/build.py --out runs/demo --only world towers     # train them (build.py)
+    .venv/bin/python scripts/demo/towers.py --world runs/demo/world --encoder runs/demo/towers/encoder
 
-Training is ``imagebind-llm train bind`` in joint mode (`imagebind_llm.train.recipes.bind`) with the sizes of
-``TOWERS``. The probes are logistic regressions fitted on the embeddings of ``--fit`` training scenes and
+The probes are logistic regressions fitted on the embeddings of ``--fit`` training scenes and
 scored on the held-out scenes (every one holds a colour-shape pair training never shows) and on training
 scenes they were not fitted on; ``R@k`` is caption -> scene retrieval among those scenes.
 
@@ -66,7 +63,6 @@ from sklearn.preprocessing import StandardScaler
 
 from imagebind_llm.encoders import ImageBind, load_official
 from imagebind_llm.preprocess import load_images, tokenize
-from imagebind_llm.train.config import BIND, load_config
 from imagebind_llm.train.recipes import bind
 from imagebind_llm.world import COLOURS, SHAPES
 
@@ -85,33 +81,6 @@ TOWERS = dict(
     with_point=True, point_depth=2, point_trans_dim=128, point_heads=2, point_num_group=64, point_group_size=32,
     point_encoder_dims=128, point_proj_dim=256, point_drop_path=0.0,
 )
-TRAIN = ["train.epochs=3", "train.batch_size=64", "optim.lr=1e-3", "optim.warmup_epochs=0.3", "optim.clip_grad=1.0",
-         "data.num_workers=1", "data.eval_every=100", "train.save_every=100000"]
-
-
-def tower_settings(world: Path, towers_json: Path) -> list[str]:
-    """The `train bind` settings of step (a): new vision and text towers of the sizes in ``towers_json``,
-    trained against each other on the (scene, caption) pairs of ``world``."""
-    return ["bind.anchor=null", "bind.modalities=[vision,text]", "bind.mode=joint", f"bind.imagebind_config={towers_json}",
-            f"data.train=[{world / 'train/pairs_vision_text.jsonl'},{world / 'train/pairs_render_text.jsonl'}]",
-            f"data.eval=[{world / 'heldout/pairs_vision_text.jsonl'}]"]
-
-
-def train_towers(world: Path, out: Path, towers: dict, extra: list[str]) -> Path:
-    """Run `train bind` (joint vision + text) on ``world``; returns the exported encoder folder."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "towers.json").write_text(json.dumps(towers, indent=1))
-    config = load_config(BIND, None, [*tower_settings(world, out / "towers.json"), f"train.output_dir={out}",
-                                      *TRAIN, *extra])
-    start = time.time()
-    result = bind.run(config, overwrite=True)
-    seconds = time.time() - start
-    samples = result.step * config.train.batch_size
-    print(f"trained {result.step} steps, {samples} pairs in {seconds / 60:.1f} min: {samples / seconds:.1f} pairs/s")
-    print(json.dumps(result.metrics))
-    return out / bind.EXPORT_DIR
-
-
 @torch.inference_mode()
 def embed(encoder: ImageBind, modality: str, items: list[str], batch: int = 100) -> np.ndarray:
     """Unit-norm embeddings ``[N, out_embed_dim]`` of image paths (vision) or captions (text)."""
@@ -189,19 +158,12 @@ def recalls(image: np.ndarray, text: np.ndarray, ks: tuple[int, ...] = (1, 5)) -
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--world", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--probe-only", action="store_true", help="probe the encoder already exported in --out")
+    p.add_argument("--world", type=Path, required=True, help="the world the towers were trained on")
+    p.add_argument("--encoder", type=Path, required=True, help="the exported encoder folder of `train bind`")
     p.add_argument("--fit", type=int, default=8000, help="training scenes the probes are fitted on")
-    p.add_argument("--towers", type=Path, help="JSON of ImageBindConfig fields instead of TOWERS")
-    p.add_argument("--set", dest="overrides", action="append", default=[], help="train bind override")
     args = p.parse_args()
     torch.set_num_threads(2)
-    folder = args.out / bind.EXPORT_DIR
-    if not args.probe_only:
-        towers = json.loads(args.towers.read_text()) if args.towers else TOWERS
-        folder = train_towers(args.world, args.out, towers, args.overrides)
-    encoder = load_official(folder / bind.WEIGHTS_FILE, folder / bind.CONFIG_FILE)
+    encoder = load_official(args.encoder / bind.WEIGHTS_FILE, args.encoder / bind.CONFIG_FILE)
     scenes = read_scenes(args.world / "train", args.fit + 500)
     splits = {"fit": scenes[:args.fit], "seen": scenes[args.fit:], "heldout": read_scenes(args.world / "heldout")}
     roots = {"fit": "train", "seen": "train", "heldout": "heldout"}
